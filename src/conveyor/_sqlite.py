@@ -1,0 +1,367 @@
+"""SQLite plumbing shared by the SQLite broker and store.
+
+One ``Database`` per file per process: a single connection in autocommit mode
+(transactions are explicit), WAL journal, and an asyncio lock that serialises
+this process's transactions. ``BEGIN IMMEDIATE`` is retried asynchronously
+while another process holds the write lock, so a busy database never blocks
+the event loop. Statements run on the event-loop thread: once the write lock
+is held they do not wait on anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+from conveyor._time import Clock, SystemClock
+from conveyor.errors import ConfigError, ConveyorError, StoreError
+from conveyor.messages import Message
+
+__all__ = [
+    "Database",
+    "SqliteBacked",
+    "SqliteTransaction",
+    "message_from_row",
+    "message_params",
+]
+
+_SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+_databases: dict[str, Database] = {}
+_current: contextvars.ContextVar[SqliteTransaction | None] = contextvars.ContextVar(
+    "conveyor_sqlite_tx", default=None
+)
+
+# Columns of a message row, shared by the queue, outbox and dead-letter tables.
+MESSAGE_COLUMNS = "msg_id, topic, type, key, priority, headers, payload, created_at"
+
+
+def message_params(message: Message) -> tuple[object, ...]:
+    headers = json.dumps(dict(message.headers), separators=(",", ":"))
+    return (
+        message.id,
+        message.topic,
+        message.type,
+        message.key,
+        message.priority,
+        headers,
+        message.payload,
+        message.created_at,
+    )
+
+
+def message_from_row(row: Sequence[Any], attempt: int = 0) -> Message:
+    return Message(
+        id=row[0],
+        topic=row[1],
+        type=row[2],
+        key=row[3],
+        priority=row[4],
+        headers=MappingProxyType(json.loads(row[5])),
+        payload=bytes(row[6]),
+        created_at=row[7],
+        attempt=attempt,
+    )
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``sqlite:///relative.db``, ``sqlite:////abs.db``, ``sqlite://:memory:`` ->
+    (path, synchronous pragma)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"invalid SQLite URL {url!r}: {exc}") from None
+    if parts.scheme != "sqlite":
+        raise ConfigError(f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)")
+    if parts.netloc == ":memory:" or parts.path in ("/:memory:", ""):
+        path = ":memory:"
+    else:
+        if parts.netloc:
+            raise ConfigError(
+                f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db"
+            )
+        path = parts.path[1:]
+        if not path:
+            raise ConfigError(f"invalid SQLite URL {url!r}: no file path")
+    query = parse_qs(parts.query)
+    sync = query.pop("synchronous", ["normal"])[-1].lower()
+    if sync not in _SYNCHRONOUS:
+        raise ConfigError(
+            f"invalid synchronous={sync!r} in {url!r}; choose one of {', '.join(_SYNCHRONOUS)}"
+        )
+    if query:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(query))} in {url!r}")
+    return path, _SYNCHRONOUS[sync]
+
+
+class SqliteTransaction:
+    """A write transaction on a SQLite database (``?`` placeholders)."""
+
+    __slots__ = ("_conn", "_depth", "database", "published")
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._conn = database.conn
+        self._depth = 0
+        self.published = False
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        return self._conn.execute(sql, params).rowcount
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        return self._conn.executemany(sql, rows).rowcount
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._conn.execute(sql, params).fetchone()
+        return row
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        """Synchronous form for Conveyor's own hot paths."""
+        return self._conn.execute(sql, params)
+
+    def runmany(self, sql: str, rows: Sequence[Sequence[object]]) -> sqlite3.Cursor:
+        return self._conn.executemany(sql, rows)
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Nested scope: an exception inside rolls back only its own writes."""
+        self._depth += 1
+        name = f"sp{self._depth}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            self._conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            self._conn.execute(f"RELEASE {name}")
+        finally:
+            self._depth -= 1
+
+
+class Database:
+    """One SQLite file shared by every broker and store of this process."""
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._refs = 0
+        self._lock: asyncio.Lock | None = None
+        self._local_event: asyncio.Event | None = None
+        self._schemas: set[str] = set()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            self.conn.execute("PRAGMA busy_timeout=0")
+            if path != ":memory:":
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                # Checkpoints run on a background thread: an automatic one
+                # would copy the log into the file (and fsync) inside whichever
+                # commit crossed the threshold, on the event loop.
+                self.conn.execute("PRAGMA wal_autocheckpoint=0")
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_loop, name="conveyor-sqlite-checkpoint", daemon=True
+                )
+                self._checkpointer.start()
+            self.conn.execute(f"PRAGMA synchronous={synchronous}")
+            self.conn.execute("PRAGMA temp_store=MEMORY")
+            self.conn.execute("PRAGMA cache_size=-16000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
+
+    @classmethod
+    def acquire(cls, url: str) -> Database:
+        path, sync = parse_url(url)
+        key = path if path == ":memory:" else str(Path(path).resolve())
+        db = _databases.get(key)
+        if db is None:
+            db = _databases[key] = cls(path, sync)
+        db._refs += 1
+        return db
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs <= 0:
+            _databases.pop(self.key, None)
+            self._closing.set()
+            if self._checkpointer is not None:
+                self._checkpointer.join()
+            self.conn.close()
+
+    def _checkpoint_loop(self, interval: float = 0.2) -> None:
+        """PASSIVE checkpoints never block readers or writers; a busy one is
+        simply tried again next time. Any process with the file open runs one."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+        try:
+            while not self._closing.wait(interval):
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    @property
+    def key(self) -> str:
+        return self.path if self.path == ":memory:" else str(Path(self.path).resolve())
+
+    def ensure_schema(self, name: str, ddl: str) -> None:
+        if name in self._schemas:
+            return
+        for attempt in range(200):
+            try:
+                self.conn.executescript(ddl)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 199:
+                    raise StoreError(f"cannot create tables in {self.path!r}: {exc}") from exc
+                time.sleep(0.01)
+        self._schemas.add(name)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def current(self) -> SqliteTransaction | None:
+        tx = _current.get()
+        return tx if tx is not None and tx.database is self else None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, deadline: float = 30.0) -> AsyncIterator[SqliteTransaction]:
+        """An immediate (write) transaction; commits on success, rolls back on error."""
+        if self.current() is not None:
+            raise StoreError(
+                "a transaction is already open on this database in this task; "
+                "inside a handler use ctx.tx and ctx.publish()"
+            )
+        async with self.lock:
+            await self._begin(deadline)
+            tx = SqliteTransaction(self)
+            token = _current.set(tx)
+            try:
+                yield tx
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self.conn.execute("ROLLBACK")
+                    raise StoreError(f"commit failed on {self.path!r}: {exc}") from exc
+            finally:
+                _current.reset(token)
+        if tx.published:
+            self.notify()
+
+    async def _begin(self, deadline: float) -> None:
+        delay = 0.0001
+        give_up = time.monotonic() + deadline
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"cannot begin a transaction on {self.path!r}: {exc}") from exc
+                if time.monotonic() > give_up:
+                    raise StoreError(
+                        f"SQLite database {self.path!r} stayed locked for {deadline:.0f}s"
+                    ) from exc
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.002)
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """A consistent read outside any transaction (WAL readers never wait)."""
+        for attempt in range(100):
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise StoreError(f"read failed on {self.path!r}: {exc}") from exc
+                time.sleep(0.005)
+        raise AssertionError("unreachable")
+
+    def notify(self) -> None:
+        """Wake this process's waiters: something was published here."""
+        if self._local_event is not None:
+            self._local_event.set()
+            self._local_event = None
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (process) commits."""
+        row = self.conn.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
+
+    async def wait_for_change(self, since: int, timeout: float, poll: float = 0.002) -> int:
+        """Return when another process commits (``data_version`` differs from
+        ``since``), this process publishes, or ``timeout`` passes."""
+        if self._local_event is None:
+            self._local_event = asyncio.Event()
+        event = self._local_event
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self.data_version()
+            if version != since or event.is_set():
+                return version
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return version
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(poll, remaining))
+
+
+class SqliteBacked:
+    """What the SQLite broker and store share: a URL, a clock and this
+    process's ``Database`` for the file, with their tables created on connect."""
+
+    role: ClassVar[str]
+    schema: ClassVar[str]
+    error: ClassVar[type[ConveyorError]]
+
+    def __init__(self, url: str, *, clock: Clock | None = None) -> None:
+        self.url = url
+        self.clock: Clock = clock or SystemClock()
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise self.error(f"{self.role} {self.url} is not connected; call connect() first")
+        return self._db
+
+    async def connect(self) -> None:
+        """Open the file and create the tables. Idempotent."""
+        if self._db is None:
+            db = Database.acquire(self.url)
+            try:
+                db.ensure_schema(self.role, self.schema)
+            except StoreError as exc:
+                db.release()
+                raise self.error(str(exc)) from exc
+            self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.release()
+            self._db = None

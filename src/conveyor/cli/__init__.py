@@ -1,0 +1,5 @@
+"""The ``conveyor`` command line."""
+
+from conveyor.cli._main import app, main
+
+__all__ = ["app", "main"]

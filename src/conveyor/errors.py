@@ -1,0 +1,125 @@
+"""Conveyor's exceptions and handler signals.
+
+Every error Conveyor raises derives from ``ConveyorError``; driver exceptions
+are translated at the boundary (``raise BrokerError(...) from exc``)::
+
+    ConveyorError
+    ├── ConfigError            invalid setting, URL or argument
+    ├── MessageError           a message cannot be built or read
+    │   ├── PayloadTooLarge    encoded payload over the size limit
+    │   └── DecodeError        payload does not match the handler's type
+    ├── BrokerError            the broker failed or refused an operation
+    ├── StoreError             the store failed or refused an operation
+    └── HandlerTimeout         a handler ran past its timeout (retryable)
+
+    PermanentError             raise from a handler: dead-letter, do not retry
+
+Handler signals are not errors and are never logged as failures::
+
+    HandlerSignal
+    ├── Retry(delay=None)      redeliver later (counts as an attempt)
+    ├── DeadLetter(reason)     dead-letter now, with a reason
+    └── Skip(reason)           acknowledge without applying any effect
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "ConveyorError",
+    "DeadLetter",
+    "DecodeError",
+    "HandlerSignal",
+    "HandlerTimeout",
+    "MessageError",
+    "PayloadTooLarge",
+    "PermanentError",
+    "Retry",
+    "Skip",
+    "StoreError",
+]
+
+
+class ConveyorError(Exception):
+    """Root of every error Conveyor raises."""
+
+
+class ConfigError(ConveyorError):
+    """A setting, URL or argument is invalid; the message names it and the fix."""
+
+
+class MessageError(ConveyorError):
+    """A message cannot be built, encoded or decoded."""
+
+
+class PayloadTooLarge(MessageError):
+    """The encoded payload is larger than the configured limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload is {size} bytes, over the {limit}-byte limit; "
+            "store large data elsewhere and send a reference"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class DecodeError(MessageError):
+    """A payload does not decode into the type a handler expects (permanent)."""
+
+
+class BrokerError(ConveyorError):
+    """The broker failed or refused an operation."""
+
+
+class StoreError(ConveyorError):
+    """The store failed or refused an operation."""
+
+
+class HandlerTimeout(ConveyorError):
+    """A handler ran longer than its timeout; retried like any transient failure."""
+
+
+class PermanentError(Exception):
+    """Raise (or subclass) in a handler for a failure that retrying cannot fix."""
+
+
+def _seconds(value: float | timedelta | None) -> float | None:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+class HandlerSignal(Exception):
+    """Base of the control signals a handler may raise."""
+
+
+class Retry(HandlerSignal):
+    """Redeliver this message later; the attempt counts toward ``max_attempts``.
+
+    ``delay`` (seconds or ``timedelta``) overrides the policy's backoff.
+    """
+
+    def __init__(self, *, delay: float | timedelta | None = None, reason: str = "") -> None:
+        super().__init__(reason or "retry requested by handler")
+        self.delay = _seconds(delay)
+        self.reason = reason
+
+
+class DeadLetter(HandlerSignal):
+    """Move this message to the dead-letter queue now, with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Skip(HandlerSignal):
+    """Acknowledge this message without applying the handler's effects."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason

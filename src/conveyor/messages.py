@@ -1,0 +1,237 @@
+"""The message envelope and its codec.
+
+A ``Message`` is a frozen value: an id (UUIDv7, time-ordered), the topic it is
+published to, an optional type and key, ``bytes`` payload and string headers.
+``attempt`` is the delivery attempt (1 on first delivery), ``not_before`` the
+earliest time (epoch seconds) it may be delivered.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Protocol, TypeVar, cast
+
+import pydantic
+
+from conveyor.errors import DecodeError, MessageError, PayloadTooLarge
+
+__all__ = [
+    "CAUSATION_ID",
+    "CORRELATION_ID",
+    "Codec",
+    "DEFAULT_MAX_PAYLOAD",
+    "IDEMPOTENCY_KEY",
+    "JsonCodec",
+    "Message",
+    "TRACEPARENT",
+    "uuid7",
+]
+
+CORRELATION_ID = "correlation-id"
+CAUSATION_ID = "causation-id"
+TRACEPARENT = "traceparent"
+IDEMPOTENCY_KEY = "idempotency-key"
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+T = TypeVar("T")
+
+_uuid_lock = threading.Lock()
+_rand_bits = random.getrandbits
+_last_ms = 0
+_seq = 0
+
+
+def uuid7() -> str:
+    """A UUIDv7 string (RFC 9562): 48-bit ms timestamp, then a 12-bit sequence
+    that keeps ids monotonic within one process and millisecond, then random
+    bits (``random`` is reseeded in forked children, so processes differ)."""
+    global _last_ms, _seq
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            _seq += 1
+            if _seq > 0xFFF:
+                _last_ms += 1
+                _seq = 0
+            ms = _last_ms
+        else:
+            _last_ms, _seq = ms, 0
+        seq = _seq
+    value = (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | _rand_bits(62)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class Codec(Protocol):
+    """Turns handler values into payload bytes and back."""
+
+    content_type: str
+
+    def encode(self, value: object) -> bytes: ...
+
+    def decode(self, data: bytes, into: type[T]) -> T: ...
+
+
+class JsonCodec:
+    """JSON (UTF-8). Accepts pydantic models, dicts, lists, scalars and bytes."""
+
+    content_type = "application/json"
+
+    def encode(self, value: object) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, pydantic.BaseModel):
+            return value.model_dump_json().encode()
+        try:
+            return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+        except (TypeError, ValueError) as exc:
+            raise MessageError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
+
+    def decode(self, data: bytes, into: type[T]) -> T:
+        try:
+            if into is bytes:
+                return cast(T, data)
+            if isinstance(into, type) and issubclass(into, pydantic.BaseModel):
+                return cast(T, into.model_validate_json(data))
+            value = json.loads(data)
+        except (ValueError, pydantic.ValidationError) as exc:
+            name = getattr(into, "__name__", str(into))
+            raise DecodeError(f"payload is not a valid {name}: {_short(exc)}") from exc
+        if into in (dict, list, str, int, float) and not isinstance(value, into):
+            raise DecodeError(f"payload is {type(value).__name__}, expected {into.__name__}")
+        return cast(T, value)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+JSON = JsonCodec()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One message. Build with ``Message.create``; payload is always ``bytes``."""
+
+    topic: str
+    payload: bytes
+    id: str = field(default_factory=uuid7)
+    type: str = ""
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    priority: int = 0
+    attempt: int = 0
+    created_at: float = field(default_factory=time.time)
+    not_before: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.topic or not isinstance(self.topic, str):
+            raise MessageError("a message needs a non-empty topic")
+        if not isinstance(self.payload, bytes):
+            raise MessageError(
+                f"payload must be bytes, got {type(self.payload).__name__}; use Message.create"
+            )
+        if not isinstance(self.headers, MappingProxyType):
+            headers = dict(self.headers)
+            for name, value in headers.items():
+                if not isinstance(name, str) or not isinstance(value, str):
+                    raise MessageError(f"header {name!r} must map a str to a str")
+            object.__setattr__(self, "headers", MappingProxyType(headers))
+
+    @classmethod
+    def create(
+        cls,
+        topic: str,
+        body: object,
+        *,
+        type: str = "",
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        priority: int = 0,
+        delay: float = 0.0,
+        codec: Codec = JSON,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> Message:
+        """Encode ``body`` with ``codec`` and wrap it; raises ``PayloadTooLarge``."""
+        payload = codec.encode(body)
+        if len(payload) > max_payload:
+            raise PayloadTooLarge(len(payload), max_payload)
+        if not type and isinstance(body, pydantic.BaseModel):
+            type = body.__class__.__name__
+        now = time.time()
+        return cls(
+            topic=topic,
+            payload=payload,
+            type=type,
+            key=key,
+            headers=dict(headers or {}),
+            priority=priority,
+            created_at=now,
+            not_before=now + delay if delay > 0 else None,
+        )
+
+    @property
+    def correlation_id(self) -> str:
+        """The id shared by every message of one business operation."""
+        return self.headers.get(CORRELATION_ID, self.id)
+
+    @property
+    def causation_id(self) -> str | None:
+        """The id of the message whose handler sent this one."""
+        return self.headers.get(CAUSATION_ID)
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.headers.get(TRACEPARENT)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.headers.get(IDEMPOTENCY_KEY)
+
+    def decode(self, into: builtins.type[T], codec: Codec = JSON) -> T:
+        """Decode the payload into ``into``; raises ``DecodeError`` (permanent)."""
+        return codec.decode(self.payload, into)
+
+    def with_attempt(self, attempt: int) -> Message:
+        return replace(self, attempt=attempt)
+
+    def causal_headers(self) -> dict[str, str]:
+        """Headers for a message this one causes: same correlation id (and
+        trace), causation id = this message's id."""
+        headers = {CORRELATION_ID: self.correlation_id, CAUSATION_ID: self.id}
+        if self.traceparent:
+            headers[TRACEPARENT] = self.traceparent
+        return headers
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-safe view (payload as text when UTF-8, for CLIs and logs)."""
+        try:
+            payload: object = json.loads(self.payload)
+        except ValueError:
+            payload = self.payload.decode("utf-8", "replace")
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "type": self.type,
+            "key": self.key,
+            "headers": dict(self.headers),
+            "priority": self.priority,
+            "attempt": self.attempt,
+            "created_at": self.created_at,
+            "not_before": self.not_before,
+            "payload": payload,
+        }

@@ -1,0 +1,24 @@
+"""The runtime: ``App``, handler contexts, the worker and middleware."""
+
+from conveyor.runtime._admin import (
+    QueueRow,
+    purge_dead_letters,
+    queue_overview,
+    replay_dead_letters,
+)
+from conveyor.runtime._app import App
+from conveyor.runtime._context import Context, Middleware, PublishOptions, Session
+from conveyor.runtime._worker import Worker
+
+__all__ = [
+    "App",
+    "Context",
+    "Middleware",
+    "PublishOptions",
+    "QueueRow",
+    "Session",
+    "Worker",
+    "purge_dead_letters",
+    "queue_overview",
+    "replay_dead_letters",
+]

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Unpack
+
+from conveyor._time import Clock, SystemClock, seconds
+from conveyor.brokers._factory import broker_from_url
+from conveyor.brokers._protocol import Broker, TransactionalBroker
+from conveyor.errors import ConfigError
+from conveyor.messages import JSON, Codec, Message
+from conveyor.resilience import RetryPolicy
+from conveyor.runtime._context import (
+    Middleware,
+    Publisher,
+    PublishOptions,
+    Session,
+    build_message,
+)
+from conveyor.runtime._handlers import Handler, HandlerFunc
+from conveyor.runtime._worker import Worker
+from conveyor.settings import Settings, load_settings
+from conveyor.store._factory import store_from_url
+from conveyor.store._protocol import Store
+
+__all__ = ["App"]
+
+
+class App:
+    """An application: its handlers, broker, store and middleware.
+
+    ``App()`` reads ``CONVEYOR_*`` settings; pass ``settings=``, or ready-made
+    ``broker=`` / ``store=`` objects, to override. Use ``async with app:`` (or
+    ``connect()``/``close()``) around ``publish`` and ``transaction``.
+    """
+
+    def __init__(
+        self,
+        name: str = "conveyor",
+        *,
+        settings: Settings | None = None,
+        broker: Broker | None = None,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        codec: Codec = JSON,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings or load_settings()
+        self.clock: Clock = clock or SystemClock()
+        self.codec = codec
+        self.middleware: list[Middleware] = list(middleware)
+        self.handlers: list[Handler] = []
+        self._broker = broker
+        self._store = store
+        self._connected = False
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = broker_from_url(self.settings.broker_url, clock=self.clock)
+        return self._broker
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = store_from_url(self.settings.resolved_store_url, clock=self.clock)
+        return self._store
+
+    def handler(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register ``async def f(ctx, body: Model)`` for ``topic`` in ``group``
+        (default: the function's name). ``body`` is decoded from the payload
+        by its annotation (a pydantic model, ``dict``, ``bytes``...); a payload
+        that does not decode is dead-lettered at once with the reason."""
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if prefetch is not None and prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            name = group or func.__name__
+            if any(h.topic == topic and h.group == name for h in self.handlers):
+                raise ConfigError(
+                    f"two handlers for topic {topic!r} in group {name!r}; give one a group="
+                )
+            self.handlers.append(
+                Handler(
+                    func=func,
+                    topic=topic,
+                    group=name,
+                    body_type=Handler.inspect_body(func),
+                    concurrency=concurrency,
+                    prefetch=prefetch,
+                    retry=retry or RetryPolicy(),
+                    timeout=None if timeout is None else seconds(timeout),
+                )
+            )
+            return func
+
+        return register
+
+    def use(self, middleware: Middleware) -> Middleware:
+        """Append an around-hook; the first added is the outermost."""
+        self.middleware.append(middleware)
+        return middleware
+
+    async def connect(self) -> None:
+        """Connect broker and store and declare every handler's subscription."""
+        if self._connected:
+            return
+        await self.broker.connect()
+        await self.store.connect()
+        for h in self.handlers:
+            await self.broker.declare(h.topic, h.group)
+        self._connected = True
+
+    async def close(self) -> None:
+        if self._broker is not None:
+            await self._broker.close()
+        if self._store is not None:
+            await self._store.close()
+        self._connected = False
+
+    async def __aenter__(self) -> App:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(self, topic: str, body: object, **options: Unpack[PublishOptions]) -> Message:
+        """Publish straight to the broker; durable once this returns.
+
+        Inside a handler use ``ctx.publish`` instead, so the message commits
+        with the handler's writes.
+        """
+        message = build_message(
+            topic, body, codec=self.codec, max_payload=self.settings.max_payload, **options
+        )
+        await self.connect()
+        await self.broker.publish([message])
+        return message
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Session]:
+        """A store transaction whose ``publish`` goes through the outbox:
+        rows and messages commit together or not at all."""
+        await self.connect()
+        publisher = self._publisher()
+        async with self.store.transaction() as tx:
+            yield Session(tx, publisher, self.codec, self.settings.max_payload)
+
+    def _publisher(self) -> Publisher:
+        broker = self.broker
+        binding = broker.bind(self.store) if isinstance(broker, TransactionalBroker) else None
+        return binding.publish if binding is not None else self.store.outbox_add
+
+    def worker(self, *, grace_period: float | None = None) -> Worker:
+        return Worker(self, grace_period=grace_period)
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run a worker until SIGTERM/SIGINT, then shut down gracefully."""
+        worker = self.worker()
+        loop = asyncio.get_running_loop()
+        installed = []
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, worker.stop)
+                    installed.append(sig)
+        try:
+            await worker.run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.close()

@@ -1,0 +1,407 @@
+"""The worker loop and the unit of work.
+
+For each delivery: open a store transaction, record the inbox entry (a
+duplicate is acknowledged and skipped), run the middleware chain and the
+handler, commit, then acknowledge. A failure rolls back the handler's writes
+and messages and, in the same transaction, schedules a retry or writes a dead
+letter. When the broker binds to the store (same database), the claim of a
+batch commits first, counting the attempt and taking a lease, so a message
+that kills its worker every time still ends up dead-lettered; then the
+batch's handling, inbox, outbox and acknowledgements share one commit (group
+commit): a crash rolls that work back, the messages come back once the lease
+runs out, and nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from conveyor.brokers._protocol import BrokerBinding, Delivery, TransactionalBroker
+from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
+from conveyor.messages import Message
+from conveyor.runtime._context import Context, Publisher
+from conveyor.runtime._handlers import Handler
+from conveyor.store._protocol import Transaction
+
+if TYPE_CHECKING:
+    from conveyor.runtime._app import App
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("conveyor.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    retry: bool = False
+    delay: float = 0.0
+
+
+_ACK = _Outcome()
+
+
+class _Duplicate(Exception):
+    pass
+
+
+class Worker:
+    """Runs every handler of an ``App`` until ``stop()``; see the module doc.
+
+    On ``stop()`` the worker stops fetching, lets in-flight work finish for up
+    to ``grace_period`` seconds, then cancels what is left; cancelled work is
+    rolled back and delivered again later.
+    """
+
+    def __init__(self, app: App, *, grace_period: float | None = None) -> None:
+        self.app = app
+        s = app.settings
+        self.grace_period = s.grace_period if grace_period is None else grace_period
+        self._stopping = asyncio.Event()
+        self._busy: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random()
+        self.processed = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        if self._stopping.is_set():
+            return
+        log.info("stopping: finishing in-flight work", extra={"event": "conveyor.worker_stopping"})
+        self._stopping.set()
+        for task in self._tasks:
+            if task not in self._busy:
+                task.cancel()
+
+    async def run(self) -> None:
+        app = self.app
+        await app.connect()
+        broker, store = app.broker, app.store
+        binding = broker.bind(store) if isinstance(broker, TransactionalBroker) else None
+        for handler in app.handlers:
+            call = handler.build_call(app.middleware, app.codec)
+            self._tasks.append(asyncio.create_task(self._consume(handler, call, binding)))
+        if binding is None:
+            self._tasks.append(asyncio.create_task(self._relay()))
+        self._tasks.append(asyncio.create_task(self._prune()))
+        log.info(
+            "worker started with %d handler(s) on %s",
+            len(app.handlers),
+            broker.url,
+            extra={"event": "conveyor.worker_started"},
+        )
+        try:
+            await self._stopping.wait()
+            expiry = asyncio.create_task(self._expire_grace())
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            expiry.cancel()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("worker stopped", extra={"event": "conveyor.worker_stopped"})
+
+    async def _expire_grace(self) -> None:
+        await self.app.clock.sleep(self.grace_period)
+        log.warning(
+            "grace period of %gs over; cancelling in-flight work",
+            self.grace_period,
+            extra={"event": "conveyor.grace_expired"},
+        )
+        for task in self._tasks:
+            task.cancel()
+
+    async def _consume(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        binding: BrokerBinding | None,
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        prefetch = handler.prefetch or self.app.settings.prefetch
+        failures = 0
+        while not self.stopping:
+            self._busy.add(task)
+            try:
+                if binding is not None:
+                    count = await self._bound_batch(handler, call, binding, prefetch)
+                else:
+                    count = await self._batch(handler, call, prefetch)
+                failures = 0
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                failures += 1
+                log.exception(
+                    "consumer %s/%s failed; backing off",
+                    handler.topic,
+                    handler.group,
+                    extra={"event": "conveyor.consumer_error"},
+                )
+                count = 0
+                self._busy.discard(task)
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            finally:
+                self._busy.discard(task)
+            if self.stopping:
+                return
+            if count == 0:
+                await self.app.broker.wait(
+                    handler.topic, handler.group, self.app.settings.idle_poll
+                )
+            else:
+                # SQLite work never suspends, so yield between batches: other
+                # handlers, the relay and signal handlers must get their turn.
+                await asyncio.sleep(0)
+
+    async def _bound_batch(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        binding: BrokerBinding,
+        prefetch: int,
+    ) -> int:
+        store = self.app.store
+        # The claim commits on its own: the attempt it counts must survive a
+        # worker that dies handling the message, or a message that kills every
+        # worker would be claimed at attempt 1 forever, never dead-lettered.
+        async with store.transaction() as tx:
+            deliveries = await binding.claim(
+                tx, handler.topic, handler.group, prefetch, lease=self.app.settings.lease
+            )
+        if not deliveries:
+            return 0
+        async with store.transaction() as tx:
+            for delivery in deliveries:
+                outcome = await self._handle(handler, call, tx, delivery, binding.publish)
+                if outcome.retry:
+                    await binding.nack(tx, delivery, outcome.delay)
+                else:
+                    await binding.ack(tx, delivery)
+        self.processed += len(deliveries)
+        return len(deliveries)
+
+    async def _batch(
+        self, handler: Handler, call: Callable[[Context], Awaitable[None]], prefetch: int
+    ) -> int:
+        app = self.app
+        broker, store = app.broker, app.store
+        lease = app.settings.lease
+        deliveries = await broker.fetch(
+            handler.topic, handler.group, max_messages=prefetch, lease=lease
+        )
+        limit = asyncio.Semaphore(handler.concurrency)
+
+        async def one(delivery: Delivery) -> None:
+            async with limit:
+                if self.stopping:
+                    await broker.nack(delivery, delay=0.0)
+                    return
+                async with store.transaction() as tx:
+                    outcome = await self._handle(handler, call, tx, delivery, store.outbox_add)
+                if outcome.retry:
+                    await broker.nack(delivery, delay=outcome.delay)
+                else:
+                    await broker.ack([delivery])
+                self.processed += 1
+
+        # Settle the whole batch before reporting a failure (say, an ack the
+        # broker refused): the other deliveries must not run on outside the
+        # worker, where stop() and the grace period cannot see them.
+        results = await asyncio.gather(*(one(d) for d in deliveries), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return len(deliveries)
+
+    async def _handle(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        tx: Transaction,
+        delivery: Delivery,
+        publisher: Publisher,
+    ) -> _Outcome:
+        """Run one delivery inside ``tx``; returns whether to ack or retry.
+
+        Dead letters are written to ``tx`` here and acknowledged by the caller.
+        """
+        app = self.app
+        store = app.store
+        message = delivery.message
+        policy = handler.retry
+        if message.attempt > policy.max_attempts:
+            await self._dead(
+                tx,
+                handler,
+                message,
+                f"delivered {message.attempt} times without an outcome "
+                "(worker killed or lease expired while handling it)",
+                "Undeliverable",
+                "",
+            )
+            return _ACK
+        ctx = Context(message, handler.group, tx, publisher, app.codec, app.settings.max_payload)
+        try:
+            async with tx.savepoint():
+                if not await store.inbox_add(tx, handler.group, message.id):
+                    raise _Duplicate
+                if handler.timeout is None:
+                    await call(ctx)
+                else:
+                    try:
+                        async with asyncio.timeout(handler.timeout) as scope:
+                            await call(ctx)
+                    except TimeoutError as exc:
+                        if scope.expired():
+                            raise HandlerTimeout(
+                                f"handler {handler.func.__qualname__} ran past its "
+                                f"{handler.timeout:g}s timeout"
+                            ) from exc
+                        raise
+            return _ACK
+        except _Duplicate:
+            log.debug(
+                "duplicate %s skipped",
+                message.id,
+                extra={"event": "conveyor.duplicate_skipped", "message_id": message.id},
+            )
+            return _ACK
+        except Skip:
+            await store.inbox_add(tx, handler.group, message.id)
+            return _ACK
+        except DeadLetter as signal:
+            await self._dead(tx, handler, message, signal.reason, "DeadLetter", "")
+            return _ACK
+        except Retry as signal:
+            if message.attempt < policy.max_attempts:
+                delay = (
+                    signal.delay
+                    if signal.delay is not None
+                    else policy.backoff(message.attempt, self._rng)
+                )
+                self._log_retry(handler, message, delay, signal.reason or "Retry requested")
+                return _Outcome(retry=True, delay=delay)
+            await self._dead(
+                tx,
+                handler,
+                message,
+                f"retry requested after the last attempt ({message.attempt})",
+                "Retry",
+                "",
+            )
+            return _ACK
+        except Exception as exc:
+            if policy.should_retry(exc, message.attempt):
+                delay = policy.backoff(message.attempt, self._rng)
+                self._log_retry(handler, message, delay, f"{type(exc).__name__}: {exc}")
+                return _Outcome(retry=True, delay=delay)
+            why = (
+                "permanent error"
+                if not policy.is_retryable(exc)
+                else f"gave up after {message.attempt} attempt(s)"
+            )
+            await self._dead(
+                tx,
+                handler,
+                message,
+                f"{why}: {type(exc).__name__}: {exc}",
+                _qualname(type(exc)),
+                "".join(traceback.format_exception(exc)),
+            )
+            return _ACK
+
+    def _log_retry(self, handler: Handler, message: Message, delay: float, why: str) -> None:
+        log.info(
+            "retrying %s in %.3fs (attempt %d of %d): %s",
+            message.id,
+            delay,
+            message.attempt,
+            handler.retry.max_attempts,
+            why,
+            extra={
+                "event": "conveyor.retry_scheduled",
+                "message_id": message.id,
+                "correlation_id": message.correlation_id,
+                "group": handler.group,
+            },
+        )
+
+    async def _dead(
+        self,
+        tx: Transaction,
+        handler: Handler,
+        message: Message,
+        reason: str,
+        error_type: str,
+        tb: str,
+    ) -> None:
+        await self.app.store.dead_letter(
+            tx,
+            group=handler.group,
+            message=message,
+            reason=reason,
+            error_type=error_type,
+            traceback=tb,
+        )
+        log.warning(
+            "dead-lettered %s for %s: %s",
+            message.id,
+            handler.group,
+            reason,
+            extra={
+                "event": "conveyor.dead_lettered",
+                "message_id": message.id,
+                "correlation_id": message.correlation_id,
+                "group": handler.group,
+            },
+        )
+
+    async def _relay(self) -> None:
+        """Publish committed outbox rows (only when the broker is not the store)."""
+        app = self.app
+        while not self.stopping:
+            task = asyncio.current_task()
+            assert task is not None
+            self._busy.add(task)
+            try:
+                rows = await app.store.outbox_claim(limit=256, lease=app.settings.lease)
+                if rows:
+                    await app.broker.publish([m for _, m in rows])
+                    await app.store.outbox_done([i for i, _ in rows])
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                log.exception("outbox relay failed", extra={"event": "conveyor.relay_error"})
+                rows = []
+                await asyncio.sleep(0.5)
+            finally:
+                self._busy.discard(task)
+            if not rows and not self.stopping:
+                await app.store.wait_outbox(app.settings.idle_poll)
+
+    async def _prune(self) -> None:
+        app = self.app
+        while True:
+            with contextlib.suppress(Exception):
+                await app.store.prune_inbox(
+                    older_than=app.clock.time() - app.settings.inbox_retention
+                )
+            await asyncio.sleep(3600)
+
+
+def _qualname(cls: type[BaseException]) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
