@@ -1,0 +1,1 @@
+"""Conformance: every broker and store passes the same checks, unchanged."""

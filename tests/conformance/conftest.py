@@ -1,0 +1,93 @@
+"""The implementations the conformance suites run against.
+
+Adding a broker is one line in ``BROKERS``: a name and the URL of a fresh
+namespace for one test (a file under ``tmp_path``, a unique ``memory://``
+name, or a server URL; the checks use unique topic and group names and never
+flush shared state). Every test in ``test_brokers.py`` then runs against it,
+except those marked ``requires(flag)`` for a capability it does not declare.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from conveyor.brokers import Capabilities, broker_from_url
+from conveyor.testing import UrlBrokerFactory, UrlStoreFactory
+
+BROKERS: dict[str, Callable[[Path], str]] = {
+    "memory": lambda tmp: f"memory://conformance-{uuid.uuid4().hex}",
+    "sqlite": lambda tmp: f"sqlite:///{tmp / 'broker.db'}",
+}
+
+STORES: dict[str, Callable[[Path], str]] = {
+    "sqlite": lambda tmp: f"sqlite:///{tmp / 'store.db'}",
+}
+
+# The store the runtime checks pair with a broker that is not on a SQLite file.
+RUNTIME_STORE = "sqlite"
+
+
+@cache
+def capabilities(name: str) -> Capabilities:
+    """What broker ``name`` declares; building a broker does not connect it."""
+    return broker_from_url(BROKERS[name](Path(tempfile.gettempdir()))).capabilities
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires(*flags): run only against brokers whose capabilities declare every flag",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "broker_name" in metafunc.fixturenames:
+        needs = {f for m in metafunc.definition.iter_markers("requires") for f in m.args}
+        names = [n for n in BROKERS if all(getattr(capabilities(n), f) for f in needs)]
+        if not names:
+            raise pytest.UsageError(
+                f"{metafunc.definition.nodeid}: no broker declares {sorted(needs)}"
+            )
+        if "store_layout" in metafunc.fixturenames:
+            pairs = [(n, "own-store") for n in names]
+            pairs += [
+                (n, "same-file")
+                for n in names
+                if BROKERS[n](Path(tempfile.gettempdir())).startswith("sqlite:")
+            ]
+            metafunc.parametrize(
+                ("broker_name", "store_layout"), pairs, ids=[f"{n}-{s}" for n, s in pairs]
+            )
+        else:
+            metafunc.parametrize("broker_name", names)
+    if "store_name" in metafunc.fixturenames:
+        metafunc.parametrize("store_name", list(STORES))
+
+
+@pytest.fixture
+def broker_factory(broker_name: str, tmp_path: Path) -> UrlBrokerFactory:
+    """Clients of one fresh namespace of broker ``broker_name``."""
+    return UrlBrokerFactory(BROKERS[broker_name](tmp_path))
+
+
+@pytest.fixture
+def runtime_store(
+    broker_factory: UrlBrokerFactory, store_layout: str, tmp_path: Path
+) -> UrlStoreFactory:
+    """The store a worker pairs with the broker: its own file, or the broker's
+    SQLite file (then the unit of work is one transaction)."""
+    if store_layout == "same-file":
+        return UrlStoreFactory(broker_factory.url)
+    return UrlStoreFactory(STORES[RUNTIME_STORE](tmp_path))
+
+
+@pytest.fixture
+def store_factory(store_name: str, tmp_path: Path) -> UrlStoreFactory:
+    """Clients of one fresh namespace of store ``store_name``."""
+    return UrlStoreFactory(STORES[store_name](tmp_path))
