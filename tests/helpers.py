@@ -105,3 +105,13 @@ async def pending(app: App, topic: str | None = None) -> int:
 async def drained(app: App, topic: str | None = None) -> bool:
     """Whether nothing is pending (see ``pending``)."""
     return await pending(app, topic) == 0
+
+
+async def queue_counts(app: App) -> tuple[int, int, int]:
+    """Ready, in-flight and delayed messages over every topic and group."""
+    stats = await app.broker.stats()
+    return (
+        sum(s.ready for s in stats),
+        sum(s.in_flight for s in stats),
+        sum(s.delayed for s in stats),
+    )

@@ -145,8 +145,9 @@ async def test_failure_before_the_bound_commit_rolls_back_the_whole_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the bound path a failure inside the batch transaction (here its third ack)
-    rolls back inbox records and effects of the whole batch; once the claim's lease
-    runs out each message is delivered again and applied exactly once."""
+    rolls back inbox records and effects of the whole batch; the batch is handed
+    back at once, without waiting for its lease, and each message is delivered
+    again and applied exactly once."""
     clock = FakeClock()
     app = make_app("bound", tmp_path, clock=clock, prefetch=10, lease=30.0)
     calls: list[tuple[int, int]] = []
@@ -173,9 +174,7 @@ async def test_failure_before_the_bound_commit_rolls_back_the_whole_batch(
             sent = [await s.publish("work", {"n": n}) for n in range(5)]
         async with running(app):
             await eventually(lambda: acks == 3, what="batch failed")
-            assert effects(app) == []
-            assert (await queue_stats(app, "work")).in_flight == 5
-            clock.advance(31)
+            # The clock never moves: nothing here waits for the 30 s lease.
             await eventually(lambda: drained(app), what="queue drained")
         assert calls[:3] == [(0, 1), (1, 1), (2, 1)]
         assert calls[3:] == [(n, 2) for n in range(5)]

@@ -183,13 +183,23 @@ class Worker:
             )
         if not deliveries:
             return 0
-        async with store.transaction() as tx:
-            for delivery in deliveries:
-                outcome = await self._handle(handler, call, tx, delivery, binding.publish)
-                if outcome.retry:
-                    await binding.nack(tx, delivery, outcome.delay)
-                else:
-                    await binding.ack(tx, delivery)
+        try:
+            async with store.transaction() as tx:
+                for delivery in deliveries:
+                    outcome = await self._handle(handler, call, tx, delivery, binding.publish)
+                    if outcome.retry:
+                        await binding.nack(tx, delivery, outcome.delay)
+                    else:
+                        await binding.ack(tx, delivery)
+        except BaseException:
+            # Rolled back (the grace period ran out, or the commit failed):
+            # hand the batch back now rather than when its lease expires.
+            # The attempt stays counted. Best effort: a dead worker cannot.
+            with contextlib.suppress(Exception):
+                async with store.transaction() as tx:
+                    for delivery in deliveries:
+                        await binding.nack(tx, delivery, 0.0)
+            raise
         self.processed += len(deliveries)
         return len(deliveries)
 
@@ -209,8 +219,13 @@ class Worker:
                 if self.stopping:
                     await broker.nack(delivery, delay=0.0)
                     return
-                async with store.transaction() as tx:
-                    outcome = await self._handle(handler, call, tx, delivery, store.outbox_add)
+                try:
+                    async with store.transaction() as tx:
+                        outcome = await self._handle(handler, call, tx, delivery, store.outbox_add)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # hand it back, as above
+                        await broker.nack(delivery, delay=0.0)
+                    raise
                 if outcome.retry:
                     await broker.nack(delivery, delay=outcome.delay)
                 else:
