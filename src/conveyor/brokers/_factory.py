@@ -1,15 +1,28 @@
 from __future__ import annotations
 
+from conveyor._drivers import load_backend
 from conveyor._time import Clock
 from conveyor.brokers._protocol import Broker
 from conveyor.errors import ConfigError
 from conveyor.store._factory import _scheme
 
-_SCHEMES = ("memory", "sqlite")
+# scheme -> (module under conveyor.brokers, class, extra that brings its driver)
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "redis": ("redis", "RedisBroker", "redis"),
+    "amqp": ("rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "nats": ("nats", "NatsBroker", "nats"),
+    "kafka": ("kafka", "KafkaBroker", "kafka"),
+    "postgresql": ("postgres", "PostgresBroker", "postgres"),
+    "postgres": ("postgres", "PostgresBroker", "postgres"),
+}
+_SCHEMES = ("memory", "sqlite", *_BACKENDS)
 
 
 def broker_from_url(url: str, *, clock: Clock | None = None) -> Broker:
-    """Build the broker named by ``url``; an unknown scheme is a ``ConfigError``."""
+    """Build the broker named by ``url``; an unknown scheme is a ``ConfigError``.
+
+    Building does not connect; ``connect()`` does.
+    """
     scheme = _scheme(url, "broker")
     if scheme == "memory":
         from conveyor.brokers.memory import MemoryBroker
@@ -21,6 +34,10 @@ def broker_from_url(url: str, *, clock: Clock | None = None) -> Broker:
 
         parse_url(url)
         return SqliteBroker(url, clock=clock)
+    if scheme in _BACKENDS:
+        module, name, extra = _BACKENDS[scheme]
+        broker: Broker = getattr(load_backend(f"brokers.{module}", extra), name)(url, clock=clock)
+        return broker
     raise ConfigError(
         f"unknown broker URL scheme {scheme!r} in {url!r}; supported: {', '.join(_SCHEMES)}"
     )

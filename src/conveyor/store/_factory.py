@@ -6,7 +6,7 @@ from conveyor._time import Clock
 from conveyor.errors import ConfigError
 from conveyor.store._protocol import Store
 
-_SCHEMES = {"sqlite": "SQLite (built in)"}
+_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
 def store_from_url(url: str, *, clock: Clock | None = None) -> Store:
@@ -17,8 +17,12 @@ def store_from_url(url: str, *, clock: Clock | None = None) -> Store:
         from conveyor.store.sqlite import SqliteStore
 
         parse_url(url)
-
         return SqliteStore(url, clock=clock)
+    if scheme in ("postgresql", "postgres"):
+        from conveyor._drivers import load_backend
+
+        store: Store = load_backend("store.postgres", "postgres").PostgresStore(url, clock=clock)
+        return store
     raise ConfigError(
         f"unknown store URL scheme {scheme!r} in {url!r}; supported: {', '.join(_SCHEMES)}"
     )
