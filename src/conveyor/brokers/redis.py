@@ -1,0 +1,843 @@
+"""Redis Streams broker: ``redis://host:port/db?namespace=NAME``.
+
+Each (topic, consumer group) queue is one stream with one Redis consumer
+group; consumers of a Conveyor group compete through ``XREADGROUP`` on it.
+``publish`` appends a copy of the message to the stream of every group
+declared for its topic, in one Lua script that reads the group list, so a
+group gets exactly the messages published after its declaration. A topic
+with no group yet gets a *parked* stream, renamed to the first group's
+stream when that group is declared.
+
+Every check-and-act runs in a Lua script, on the Redis server's clock
+(``TIME``), so processes agree on time whatever their own clocks say:
+
+- ``fetch`` leases what it delivers: a ZSET holds each pending entry's lease
+  deadline and a hash its delivery count and lease token. Entries whose
+  deadline passed are taken back with ``XCLAIM``; then new ones are read with
+  ``XREADGROUP``. ``attempt`` = the envelope's attempt + deliveries.
+- ``ack`` removes an entry (``XACK`` + ``XDEL``) only if its lease token is
+  still the delivery's: a late ack after a redelivery counts 0.
+- ``nack`` moves the entry, attempt counted, into the queue's *delayed* ZSET
+  (the envelope in a side hash); ``fetch`` (or ``promote_due``) moves due
+  entries back to the stream in one script, so a message is always in
+  exactly one of the two.
+
+Acknowledged entries are deleted, so a stream holds only its backlog; there
+is no ``MAXLEN`` trimming (it would drop accepted messages). Messages are
+delivered oldest first (retries rejoin at the back); ``priority`` and
+``key`` travel with the message but order nothing. Dead letters are the
+store's: the runtime writes them and then acknowledges the delivery, so the
+broker never sees that decision and keeps no dead-letter stream.
+
+URL: ``redis://[[user]:password@]host[:port][/db][?options]``. Options:
+
+``namespace``        prefix of every key (``conveyor:{NAME}:``; the braces
+                     keep a namespace in one Redis Cluster hash slot).
+                     Letters, digits, ``_.-``; default ``default``.
+``password``         instead of the URL's user-info.
+``socket_timeout``   seconds a command may take (default 5).
+``connect_timeout``  seconds to connect (default 5).
+``retry_for``        seconds to keep reconnecting, with capped exponential
+                     backoff, before an operation fails with ``BrokerError``
+                     (default 30).
+
+Durability is the server's: ``publish`` returns once Redis has the message
+in memory. It survives a Redis restart only with ``appendonly yes``
+(``appendfsync always`` loses nothing, ``everysec`` up to a second), and
+replication is asynchronous, so a failover can lose the last writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from conveyor._time import Clock
+from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
+from conveyor.errors import BrokerError, ConfigError
+from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_GROUP = "conveyor"
+# Leases are tracked in our own ZSET, so every client reads as one consumer:
+# no consumer list grows with every process that ever ran.
+_CONSUMER = "conveyor"
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_OPTIONS = ("namespace", "password", "socket_timeout", "connect_timeout", "retry_for")
+_BACKOFF_CAP = 2.0
+_MOVE_LIMIT = 1000
+_WAIT_SLICE = 1.0
+
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function qkey(P, kind, topic, group)
+  return P .. kind .. ':' .. #topic .. ':' .. topic .. ':' .. group
+end
+local function ensure_group(stream)
+  redis.pcall('XGROUP', 'CREATE', stream, 'conveyor', '0', 'MKSTREAM')
+end
+local function field(fields, name)
+  for j = 1, #fields, 2 do
+    if fields[j] == name then return fields[j + 1] end
+  end
+  return nil
+end
+-- Put one envelope (a flat field list) on a queue: into the stream, or into
+-- the delayed set when it is not due yet.
+local function put(seq, stream, delayed, data, fields, due, now)
+  if due > now then
+    local m = tostring(redis.call('INCR', seq))
+    redis.call('ZADD', delayed, due, m)
+    redis.call('HSET', data, m, cmsgpack.pack(fields))
+  else
+    redis.call('XADD', stream, '*', unpack(fields))
+  end
+end
+local function move_due(stream, delayed, data, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
+  for _, m in ipairs(due) do
+    local packed = redis.call('HGET', data, m)
+    if packed then
+      redis.call('XADD', stream, '*', unpack(cmsgpack.unpack(packed)))
+    end
+    redis.call('ZREM', delayed, m)
+    redis.call('HDEL', data, m)
+  end
+  return #due
+end
+-- Publish and enqueue run once per call token, even when a client retries a
+-- call whose reply it lost. ARGV: prefix, the client's set of applied
+-- tokens, this call's token, k, k tokens whose calls the client saw succeed
+-- (forgotten here, so the set stays as small as the client's concurrency),
+-- then the call's own arguments. Returns where those start, or nil when
+-- the call was already applied.
+local function once()
+  local applied, k = ARGV[2], tonumber(ARGV[4])
+  for j = 1, k do redis.call('SREM', applied, ARGV[4 + j]) end
+  local fresh = redis.call('SADD', applied, ARGV[3])
+  redis.call('EXPIRE', applied, 86400)
+  if fresh == 0 then return nil end
+  return 5 + k
+end
+local function held_by(value, token)
+  if not value then return nil end
+  local d, t = string.match(value, '^(%d+):(.*)$')
+  if t ~= token then return nil end
+  return tonumber(d)
+end
+"""
+
+# ARGV: once() header, then per message: topic, due ms, field count, fields.
+_PUBLISH = (
+    _LUA_COMMON
+    + """
+local P = ARGV[1]
+local i = once()
+if not i then return 0 end
+local now = now_ms()
+local groups_of = {}
+local count = 0
+while i <= #ARGV do
+  local topic, due, nf = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local fields = {}
+  for j = 1, nf do fields[j] = ARGV[i + 2 + j] end
+  i = i + 3 + nf
+  local groups = groups_of[topic]
+  if not groups then
+    groups = redis.call('SMEMBERS', P .. 'groups:' .. topic)
+    groups_of[topic] = groups
+  end
+  if #groups == 0 then
+    redis.call('XADD', P .. 'parked:' .. topic, '*', unpack(fields))
+  end
+  for _, g in ipairs(groups) do
+    put(P .. 'seq', qkey(P, 'stream', topic, g), qkey(P, 'delayed', topic, g),
+        qkey(P, 'data', topic, g), fields, due, now)
+  end
+  count = count + 1
+end
+return count
+"""
+)
+
+# ARGV: once() header, topic, group, queue member; then per message: due, nf, fields.
+_ENQUEUE = (
+    _LUA_COMMON
+    + """
+local P = ARGV[1]
+local i = once()
+if not i then return 0 end
+local topic, group = ARGV[i], ARGV[i + 1]
+local stream = qkey(P, 'stream', topic, group)
+ensure_group(stream)
+redis.call('SADD', P .. 'queues', ARGV[i + 2])
+local now = now_ms()
+i = i + 3
+while i <= #ARGV do
+  local due, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local fields = {}
+  for j = 1, nf do fields[j] = ARGV[i + 1 + j] end
+  i = i + 2 + nf
+  put(P .. 'seq', stream, qkey(P, 'delayed', topic, group), qkey(P, 'data', topic, group),
+      fields, due, now)
+end
+return 1
+"""
+)
+
+# ARGV: prefix, topic, group, queue member.
+_DECLARE = (
+    _LUA_COMMON
+    + """
+local P, topic, group = ARGV[1], ARGV[2], ARGV[3]
+local groups = P .. 'groups:' .. topic
+local stream = qkey(P, 'stream', topic, group)
+if redis.call('SADD', groups, group) == 1 then
+  redis.call('SADD', P .. 'queues', ARGV[4])
+  local parked = P .. 'parked:' .. topic
+  if redis.call('SCARD', groups) == 1 and redis.call('EXISTS', parked) == 1 then
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('RENAME', parked, stream)
+    else
+      for _, e in ipairs(redis.call('XRANGE', parked, '-', '+')) do
+        redis.call('XADD', stream, '*', unpack(e[2]))
+      end
+      redis.call('DEL', parked)
+    end
+  end
+end
+ensure_group(stream)
+return 1
+"""
+)
+
+# KEYS: stream, leases, held, delayed, data, seq. ARGV: limit, lease ms, token.
+_FETCH = (
+    _LUA_COMMON
+    + """
+local stream, leases, held, delayed, data = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now = now_ms()
+if redis.call('EXISTS', stream) == 0 then
+  if redis.call('ZCARD', delayed) == 0 then return {{}, ''} end
+  ensure_group(stream)
+end
+move_due(stream, delayed, data, now, 1000)
+local n, deadline, token = tonumber(ARGV[1]), now + tonumber(ARGV[2]), ARGV[3]
+local out = {}
+local function deliver(id, fields)
+  local d = 1
+  local v = redis.call('HGET', held, id)
+  if v then d = tonumber(string.match(v, '^(%d+):')) + 1 end
+  redis.call('HSET', held, id, d .. ':' .. token)
+  redis.call('ZADD', leases, deadline, id)
+  out[#out + 1] = {id, d, fields}
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, n)) do
+  local claimed = redis.call('XCLAIM', stream, 'conveyor', 'conveyor', 0, id)
+  if claimed[1] then
+    deliver(claimed[1][1], claimed[1][2])
+  else
+    redis.call('ZREM', leases, id)
+    redis.call('HDEL', held, id)
+  end
+end
+for _ = 1, 10 do
+  if #out >= n then break end
+  local r = redis.call('XREADGROUP', 'GROUP', 'conveyor', 'conveyor', 'COUNT', n - #out,
+                       'STREAMS', stream, '>')
+  if not r or #r[1][2] == 0 then break end
+  for _, e in ipairs(r[1][2]) do
+    local nb = field(e[2], 'not_before')
+    local due = nb and math.floor(tonumber(nb) * 1000) or 0
+    if due > now then
+      -- Parked before its group existed, it reached the stream early.
+      redis.call('XACK', stream, 'conveyor', e[1])
+      redis.call('XDEL', stream, e[1])
+      put(KEYS[6], stream, delayed, data, e[2], due, now)
+    else
+      deliver(e[1], e[2])
+    end
+  end
+end
+local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+return {out, last[1] and last[1][1] or ''}
+"""
+)
+
+# KEYS: stream, leases, held. ARGV: id, token pairs.
+_ACK = (
+    _LUA_COMMON
+    + """
+local done = 0
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  if held_by(redis.call('HGET', KEYS[3], id), ARGV[i + 1]) then
+    redis.call('XACK', KEYS[1], 'conveyor', id)
+    redis.call('XDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('ZREM', KEYS[2], id)
+    done = done + 1
+  end
+end
+return done
+"""
+)
+
+# KEYS: stream, leases, held, delayed, data, seq. ARGV: id, token, delay ms.
+_NACK = (
+    _LUA_COMMON
+    + """
+local stream, leases, held, delayed, data = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local id, token = ARGV[1], ARGV[2]
+local d = held_by(redis.call('HGET', held, id), token)
+if not d then return 0 end
+local entry = redis.call('XRANGE', stream, id, id)
+if entry[1] then
+  local fields = entry[1][2]
+  local found = false
+  for j = 1, #fields, 2 do
+    if fields[j] == 'attempt' then
+      fields[j + 1] = tostring(tonumber(fields[j + 1]) + d)
+      found = true
+    end
+  end
+  if not found then
+    fields[#fields + 1] = 'attempt'
+    fields[#fields + 1] = tostring(d)
+  end
+  local m = tostring(redis.call('INCR', KEYS[6]))
+  redis.call('ZADD', delayed, now_ms() + tonumber(ARGV[3]), m)
+  redis.call('HSET', data, m, cmsgpack.pack(fields))
+end
+redis.call('XACK', stream, 'conveyor', id)
+redis.call('XDEL', stream, id)
+redis.call('HDEL', held, id)
+redis.call('ZREM', leases, id)
+return 1
+"""
+)
+
+# KEYS: stream, delayed, data. ARGV: limit.
+_PROMOTE = (
+    _LUA_COMMON
+    + """
+if redis.call('ZCARD', KEYS[2]) == 0 then return 0 end
+ensure_group(KEYS[1])
+return move_due(KEYS[1], KEYS[2], KEYS[3], now_ms(), tonumber(ARGV[1]))
+"""
+)
+
+# KEYS: stream, leases, delayed. Returns the newest entry id and the ms until
+# the next lease expiry or delayed message is due (-1: none).
+_WAIT_INFO = (
+    _LUA_COMMON
+    + """
+local now = now_ms()
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local next_ms = -1
+for _, key in ipairs({KEYS[2], KEYS[3]}) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local ms = math.max(0, tonumber(first[2]) - now)
+    if next_ms < 0 or ms < next_ms then next_ms = ms end
+  end
+end
+return {last[1] and last[1][1] or '', next_ms}
+"""
+)
+
+# ARGV: prefix. One row per queue: member, ready, in flight, delayed.
+_STATS = (
+    _LUA_COMMON
+    + """
+local P = ARGV[1]
+local now = now_ms()
+local rows = {}
+for _, member in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  local q = cjson.decode(member)
+  local topic, group = q[1], q[2]
+  local length = redis.call('XLEN', qkey(P, 'stream', topic, group))
+  local leased = redis.call('ZCOUNT', qkey(P, 'leases', topic, group), '(' .. now, '+inf')
+  local delayed = qkey(P, 'delayed', topic, group)
+  local due = redis.call('ZCOUNT', delayed, '-inf', now)
+  local later = redis.call('ZCARD', delayed) - due
+  rows[#rows + 1] = {member, length - leased + due, leased, later}
+end
+return rows
+"""
+)
+
+
+def _option(query: dict[str, list[str]], name: str, default: float, url: str) -> float:
+    raw = query.get(name, [str(default)])[-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"invalid {name}={raw!r} in Redis URL {url!r}: expected seconds > 0")
+    return value
+
+
+class _Config:
+    __slots__ = (
+        "connect_timeout",
+        "db",
+        "host",
+        "namespace",
+        "password",
+        "port",
+        "retry_for",
+        "socket_timeout",
+        "username",
+    )
+
+    def __init__(self, url: str) -> None:
+        safe = _redact(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 6379
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {safe!r}: {exc}") from None
+        if parts.scheme != "redis":
+            raise ConfigError(f"not a Redis URL: {safe!r} (expected redis://host:port/db)")
+        if not parts.hostname:
+            raise ConfigError(f"invalid Redis URL {safe!r}: no host (redis://127.0.0.1:6379/0)")
+        path = parts.path.strip("/") or "0"
+        if not path.isdigit():
+            raise ConfigError(f"invalid Redis URL {safe!r}: database {path!r} is not a number")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(query) - set(_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} in Redis URL {safe!r}; "
+                f"known: {', '.join(_OPTIONS)}"
+            )
+        namespace = query.get("namespace", ["default"])[-1]
+        if not _NAMESPACE.match(namespace):
+            raise ConfigError(
+                f"invalid namespace={namespace!r} in Redis URL {safe!r}: "
+                "use 1-100 letters, digits, '_', '.' or '-'"
+            )
+        self.host = parts.hostname
+        self.port = port
+        self.db = int(path)
+        self.namespace = namespace
+        self.username = unquote(parts.username) if parts.username else None
+        password = query.get("password", [None])[-1]
+        if password is None and parts.password is not None:
+            password = unquote(parts.password)
+        self.password = password
+        self.socket_timeout = _option(query, "socket_timeout", 5.0, safe)
+        self.connect_timeout = _option(query, "connect_timeout", 5.0, safe)
+        self.retry_for = _option(query, "retry_for", 30.0, safe)
+
+
+def _redact(url: str) -> str:
+    url = re.sub(r"(password=)[^&]*", r"\1***", url)
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _qkey(prefix: str, kind: str, topic: str, group: str) -> str:
+    # Byte length, as Lua's '#' counts it: topic "a:b"/group "c" and topic
+    # "a"/group "b:c" must not share a key.
+    return f"{prefix}{kind}:{len(topic.encode())}:{topic}:{group}"
+
+
+def _fields(message: Message) -> list[bytes | str]:
+    out: list[bytes | str] = [
+        "id",
+        message.id,
+        "topic",
+        message.topic,
+        "type",
+        message.type,
+        "headers",
+        json.dumps(dict(message.headers), separators=(",", ":")),
+        "payload",
+        message.payload,
+        "created_at",
+        repr(message.created_at),
+        "priority",
+        str(message.priority),
+        "attempt",
+        str(message.attempt),
+    ]
+    if message.key is not None:
+        out += ["key", message.key]
+    if message.not_before is not None:
+        out += ["not_before", repr(message.not_before)]
+    return out
+
+
+def _due_ms(message: Message) -> int:
+    return int(message.not_before * 1000) if message.not_before is not None else 0
+
+
+def _message(raw: Sequence[object], deliveries: int) -> Message:
+    f = {_bytes(raw[i]).decode(): _bytes(raw[i + 1]) for i in range(0, len(raw), 2)}
+    try:
+        key = f.get("key")
+        not_before = f.get("not_before")
+        return Message(
+            id=f["id"].decode(),
+            topic=f["topic"].decode(),
+            type=f["type"].decode(),
+            key=None if key is None else key.decode(),
+            headers=json.loads(f["headers"]),
+            payload=bytes(f["payload"]),
+            created_at=float(f["created_at"]),
+            priority=int(f["priority"]),
+            attempt=int(f["attempt"]) + deliveries,
+            not_before=None if not_before is None else float(not_before),
+        )
+    except (KeyError, ValueError) as exc:
+        raise BrokerError(f"malformed message entry in Redis: {exc!r}") from exc
+
+
+class _Queue:
+    """The keys of one (topic, group) queue."""
+
+    __slots__ = ("data", "delayed", "held", "leases", "member", "stream")
+
+    def __init__(self, prefix: str, topic: str, group: str) -> None:
+        self.stream = _qkey(prefix, "stream", topic, group)
+        self.leases = _qkey(prefix, "leases", topic, group)
+        self.held = _qkey(prefix, "held", topic, group)
+        self.delayed = _qkey(prefix, "delayed", topic, group)
+        self.data = _qkey(prefix, "data", topic, group)
+        self.member = json.dumps([topic, group], ensure_ascii=False)
+
+
+class RedisBroker:
+    """Broker on Redis Streams; see the module docstring for the URL and layout.
+
+    Time (leases, delays) is the Redis server's, not the ``clock`` argument:
+    every process then agrees on when a lease runs out.
+    """
+
+    capabilities = Capabilities(
+        durable=True,
+        native_delay=True,
+        native_dead_letter=False,
+        per_key_ordering=False,
+        priorities=False,
+        max_payload=DEFAULT_MAX_PAYLOAD,
+    )
+
+    def __init__(self, url: str, *, clock: Clock | None = None) -> None:
+        self.url = url
+        self._config = _Config(url)
+        self.namespace = self._config.namespace
+        self._prefix = f"conveyor:{{{self.namespace}}}:"
+        self.client_name = f"conveyor:{self.namespace}:{uuid.uuid4().hex[:12]}"
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._last: dict[tuple[str, str], bytes] = {}
+        self._calls = f"{self._prefix}calls:{self.client_name}"
+        self._applied: list[str] = []
+
+    async def connect(self) -> None:
+        if self._redis is not None:
+            return
+        c = self._config
+        client = aioredis.Redis(
+            host=c.host,
+            port=c.port,
+            db=c.db,
+            username=c.username,
+            password=c.password,
+            socket_timeout=c.socket_timeout,
+            socket_connect_timeout=c.connect_timeout,
+            client_name=self.client_name,
+            # Reconnection is ours (_run): backoff capped, bounded by retry_for.
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        try:
+            await client.ping()
+        except RedisError as exc:
+            await client.aclose()
+            raise BrokerError(
+                f"cannot connect to Redis at {c.host}:{c.port}/{c.db}: {exc}"
+            ) from exc
+        self._redis = client
+        for name, source in (
+            ("publish", _PUBLISH),
+            ("enqueue", _ENQUEUE),
+            ("declare", _DECLARE),
+            ("fetch", _FETCH),
+            ("ack", _ACK),
+            ("nack", _NACK),
+            ("promote", _PROMOTE),
+            ("wait_info", _WAIT_INFO),
+            ("stats", _STATS),
+        ):
+            self._scripts[name] = client.register_script(source)
+
+    async def close(self) -> None:
+        client, self._redis = self._redis, None
+        self._scripts.clear()
+        if client is not None:
+            try:
+                await client.aclose()
+            except RedisError as exc:
+                log.debug("closing Redis connections failed: %s", exc)
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise BrokerError(f"Redis broker {_redact(self.url)} is not connected")
+        return self._redis
+
+    async def _run(self, what: str, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run ``op``, reconnecting with capped backoff while Redis is unreachable.
+
+        Every operation is safe to repeat: publish and enqueue carry a call
+        token the scripts remember, ack and nack are keyed by lease token.
+        """
+        client = self._client()
+        deadline = time.monotonic() + self._config.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await op(client)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if self._redis is not client:
+                    raise BrokerError(f"Redis broker closed during {what}") from exc
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(
+                        f"Redis {what} failed: {self._config.host}:{self._config.port} "
+                        f"unreachable for {self._config.retry_for:g}s: {exc}"
+                    ) from exc
+                log.warning(
+                    "Redis %s failed (%s); reconnecting in %.2fs",
+                    what,
+                    exc,
+                    delay,
+                    extra={"event": "conveyor.broker_reconnect"},
+                )
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, _BACKOFF_CAP)
+            except RedisError as exc:
+                raise BrokerError(f"Redis {what} failed: {exc}") from exc
+
+    async def _script(
+        self, name: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
+    ) -> object:
+        script = self._scripts.get(name)
+        if script is None:
+            raise BrokerError(f"Redis broker {_redact(self.url)} is not connected")
+
+        async def call(_: aioredis.Redis) -> object:
+            result: object = await script(keys=list(keys), args=list(args))
+            return result
+
+        return await self._run(name, call)
+
+    async def _once(self, name: str, args: Sequence[bytes | str | int | float]) -> None:
+        """Run script ``name`` once per call (see the Lua ``once()``), handing
+        back the tokens of calls that have returned since the last."""
+        token = uuid.uuid4().hex
+        done, self._applied = self._applied, []
+        try:
+            await self._script(
+                name, [], [self._prefix, self._calls, token, len(done), *done, *args]
+            )
+        except BaseException:
+            self._applied.extend(done)
+            raise
+        self._applied.append(token)
+
+    def _queue(self, topic: str, group: str) -> _Queue:
+        return _Queue(self._prefix, topic, group)
+
+    async def declare(self, topic: str, group: str) -> None:
+        q = self._queue(topic, group)
+        await self._script("declare", [], [self._prefix, topic, group, q.member])
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        args: list[bytes | str | int | float] = []
+        for message in messages:
+            fields = _fields(message)
+            args += [message.topic, _due_ms(message), len(fields), *fields]
+        await self._once("publish", args)
+
+    async def enqueue(self, group: str, messages: Sequence[Message]) -> None:
+        by_topic: dict[str, list[Message]] = {}
+        for message in messages:
+            by_topic.setdefault(message.topic, []).append(message)
+        for topic, batch in by_topic.items():
+            q = self._queue(topic, group)
+            args: list[bytes | str | int | float] = [topic, group, q.member]
+            for message in batch:
+                fields = _fields(message)
+                args += [_due_ms(message), len(fields), *fields]
+            await self._once("enqueue", args)
+
+    async def fetch(
+        self, topic: str, group: str, *, max_messages: int, lease: float
+    ) -> list[Delivery]:
+        if max_messages < 1:
+            return []
+        q = self._queue(topic, group)
+        token = uuid.uuid4().hex
+        result = await self._script(
+            "fetch",
+            [q.stream, q.leases, q.held, q.delayed, q.data, self._prefix + "seq"],
+            [max_messages, max(1, int(lease * 1000)), token],
+        )
+        entries, last = _pair(result)
+        if last:
+            self._last[(topic, group)] = _bytes(last)
+        out = []
+        for entry in _list(entries):
+            entry_id, deliveries, raw = _list(entry)
+            message = _message(_list(raw), _int(deliveries))
+            out.append(Delivery(message, group, f"{_bytes(entry_id).decode()}:{token}"))
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> int:
+        by_queue: dict[tuple[str, str], list[str]] = {}
+        for delivery in deliveries:
+            entry_id, token = _receipt(delivery)
+            by_queue.setdefault((delivery.message.topic, delivery.group), []).extend(
+                [entry_id, token]
+            )
+        done = 0
+        for (topic, group), args in by_queue.items():
+            q = self._queue(topic, group)
+            done += _int(await self._script("ack", [q.stream, q.leases, q.held], args))
+        return done
+
+    async def nack(self, delivery: Delivery, *, delay: float) -> None:
+        q = self._queue(delivery.message.topic, delivery.group)
+        entry_id, token = _receipt(delivery)
+        await self._script(
+            "nack",
+            [q.stream, q.leases, q.held, q.delayed, q.data, self._prefix + "seq"],
+            [entry_id, token, max(0, int(delay * 1000))],
+        )
+
+    async def promote_due(self, topic: str, group: str, *, limit: int = _MOVE_LIMIT) -> int:
+        """Move up to ``limit`` due delayed messages of a queue into its stream;
+        returns how many. ``fetch`` does this itself; any number of clients may
+        call it at once (each message moves exactly once)."""
+        q = self._queue(topic, group)
+        return _int(await self._script("promote", [q.stream, q.delayed, q.data], [limit]))
+
+    async def wait(self, topic: str, group: str, timeout: float) -> None:
+        """Block on ``XREAD`` for an entry newer than the last one seen, waking
+        early also when a lease runs out or a delayed message falls due."""
+        q = self._queue(topic, group)
+        key = (topic, group)
+        end = time.monotonic() + max(0.0, timeout)
+        while True:
+            info = await self._script("wait_info", [q.stream, q.leases, q.delayed], [])
+            _, next_ms = _pair(info)
+            # Without an id from our own fetch, anything in the stream may be
+            # new to us: read from the start (one early return at most).
+            since = self._last.get(key, b"0-0")
+            remaining = end - time.monotonic()
+            upcoming = _int(next_ms)
+            if upcoming >= 0:
+                remaining = min(remaining, upcoming / 1000)
+            if remaining <= 0:
+                return
+            block = max(1, int(min(remaining, _WAIT_SLICE) * 1000))
+
+            async def read(
+                client: aioredis.Redis, since: bytes = since, block: int = block
+            ) -> object:
+                got: object = await client.xread({q.stream: since}, count=1, block=block)
+                return got
+
+            got = await self._run("wait", read)
+            newest = _newest(got)
+            if newest is not None:
+                self._last[key] = newest
+                return
+            self._last[key] = since
+            if time.monotonic() >= end:
+                return
+
+    async def stats(self) -> list[QueueStats]:
+        rows = await self._script("stats", [], [self._prefix])
+        out = []
+        for row in _list(rows):
+            member, ready, in_flight, delayed = _list(row)
+            topic, group = json.loads(_bytes(member))
+            out.append(QueueStats(topic, group, _int(ready), _int(in_flight), _int(delayed)))
+        out.sort(key=lambda s: (s.topic, s.group))
+        return out
+
+
+def _receipt(delivery: Delivery) -> tuple[str, str]:
+    entry_id, _, token = delivery.receipt.partition(":")
+    if not token:
+        raise BrokerError(f"not a Redis broker receipt: {delivery.receipt!r}")
+    return entry_id, token
+
+
+def _list(value: object) -> list[object]:
+    if isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, list):
+        raise BrokerError(f"unexpected reply from Redis: {value!r:.200}")
+    return value
+
+
+def _pair(value: object) -> tuple[object, object]:
+    items = _list(value)
+    if len(items) != 2:
+        raise BrokerError(f"unexpected reply from Redis: {value!r:.200}")
+    return items[0], items[1]
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise BrokerError(f"unexpected reply from Redis: {value!r:.200}")
+    return value
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise BrokerError(f"unexpected reply from Redis: {value!r:.200}")
+    return value
+
+
+def _newest(reply: object) -> bytes | None:
+    """The newest entry id in an ``XREAD`` reply (RESP2 list or RESP3 dict)."""
+    if not reply:
+        return None
+    if isinstance(reply, dict):
+        streams = [_list(v) for v in reply.values()]
+    else:
+        streams = [_list(_list(s)[1]) for s in _list(reply)]
+    ids = [_bytes(_list(e)[0]) for entries in streams for e in entries]
+    return max(ids, key=lambda i: tuple(int(p) for p in i.split(b"-"))) if ids else None
