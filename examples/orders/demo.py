@@ -96,7 +96,7 @@ class _Progress:
 
 
 async def _progress(app: App) -> _Progress:
-    # Read under the store's write lock: in this process it also means no
+    # Read in a store transaction: on SQLite it holds the write lock, so no
     # handler's transaction is half done on the shared connection.
     async with app.transaction() as s:
         counts = await state_counts(s)
@@ -178,7 +178,9 @@ async def run_demo(
     service in one worker until all orders are terminal and all queues are
     drained, or ``timeout`` seconds pass, then stops the worker gracefully
     and checks the invariants. ``live`` shows a refreshing table of orders per
-    state. The database must not hold an earlier run.
+    state. Any broker and store URL pair works (the store is SQLite or
+    PostgreSQL); the store's database (or PostgreSQL namespace) must not hold
+    an earlier run.
     """
     if orders < 1:
         raise ConfigError(f"orders must be >= 1, got {orders}")
@@ -203,7 +205,7 @@ async def run_demo(
             if row and row[0]:
                 raise ConfigError(
                     f"{store_url} already holds {row[0]} orders from an earlier run; "
-                    "use a new database file"
+                    "use a new database file (SQLite) or namespace (PostgreSQL)"
                 )
             await s.execute("DELETE FROM stock")
             for sku in sorted(PRODUCTS):

@@ -2,7 +2,9 @@
 
 Every service is a consumer group of one ``App`` and keeps all of its state in
 SQL tables of the store, so each can run in its own worker process
-(``create_app(services=("inventory",))``). Every handler is idempotent on
+(``create_app(services=("inventory",))``). The SQL runs unchanged on SQLite and
+PostgreSQL stores (``?`` placeholders, ``ON CONFLICT DO NOTHING``, types both
+accept). Every handler is idempotent on
 business keys as well as on message ids: a request duplicated under a new
 message id (which the inbox cannot recognise) finds its effect already
 recorded and does nothing.
@@ -82,8 +84,8 @@ SCHEMA = (
         state TEXT NOT NULL,
         rank INTEGER NOT NULL,
         reason TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS orders_state ON orders (state)",
     """CREATE TABLE IF NOT EXISTS stock (
@@ -103,13 +105,13 @@ SCHEMA = (
         kind TEXT NOT NULL,
         amount INTEGER NOT NULL,
         status TEXT NOT NULL,
-        created_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS payments_order ON payments (order_id)",
     """CREATE TABLE IF NOT EXISTS shipments (
         order_id TEXT PRIMARY KEY,
         state TEXT NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at DOUBLE PRECISION NOT NULL
     )""",
 )
 
@@ -343,8 +345,8 @@ def create_app(
             # The transaction id makes the charge idempotent: a duplicate
             # request, whatever its message id, finds the row and stops.
             added = await ctx.execute(
-                "INSERT OR IGNORE INTO payments (txn_id, order_id, kind, amount, status, "
-                "created_at) VALUES (?, ?, 'charge', ?, ?, ?)",
+                "INSERT INTO payments (txn_id, order_id, kind, amount, status, created_at) "
+                "VALUES (?, ?, 'charge', ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     f"charge:{event.order_id}",
                     event.order_id,
@@ -370,8 +372,8 @@ def create_app(
             )
             if charged is not None:
                 added = await ctx.execute(
-                    "INSERT OR IGNORE INTO payments (txn_id, order_id, kind, amount, status, "
-                    "created_at) VALUES (?, ?, 'refund', ?, 'OK', ?)",
+                    "INSERT INTO payments (txn_id, order_id, kind, amount, status, created_at) "
+                    "VALUES (?, ?, 'refund', ?, 'OK', ?) ON CONFLICT DO NOTHING",
                     (f"refund:{event.order_id}", event.order_id, charged[0], time.time()),
                 )
                 if added:
@@ -385,7 +387,8 @@ def create_app(
             await before()
             failed = chance(faults.ship_failure_rate)
             added = await ctx.execute(
-                "INSERT OR IGNORE INTO shipments (order_id, state, updated_at) VALUES (?, ?, ?)",
+                "INSERT INTO shipments (order_id, state, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (event.order_id, "FAILED" if failed else "SHIPPED", time.time()),
             )
             if added:

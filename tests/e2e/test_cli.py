@@ -216,3 +216,22 @@ async def test_replay_goes_through_the_inbox(tmp_path: Path) -> None:
         worker.stop()
         await task
     assert applied == [1]
+
+
+def test_bench_brokers_rejects_an_unknown_broker(tmp_path: Path) -> None:
+    """`conveyor bench brokers` names an unknown broker in one line and exits 1."""
+    proc = cli("bench", "brokers", "--brokers", "redis,nope", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "unknown broker(s) nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_without_a_subcommand_is_the_embedded_benchmark(tmp_path: Path) -> None:
+    """`conveyor bench` with no subcommand still measures the embedded default."""
+    out = tmp_path / "results.json"
+    proc = cli("bench", "--messages", "1000", "--output", str(out), cwd=tmp_path)
+    assert "Embedded default" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["uow"] > 0
+    assert results["raw_uow"] > 0

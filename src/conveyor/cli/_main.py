@@ -358,17 +358,28 @@ def demo(
     timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
 ) -> None:
-    """Run the reference order system on the embedded default and check its invariants."""
+    """Run the reference order system and check its invariants.
+
+    On the embedded default (a fresh SQLite file, or `--db FILE`), or on any
+    `--broker URL` / `--store URL` pair. A missing one of the pair is the
+    other's URL when that is a database (SQLite, PostgreSQL), else a fresh
+    SQLite file. A PostgreSQL URL without `namespace=` gets a fresh one."""
     try:
         from examples.orders.demo import Faults, run_demo
     except ImportError as exc:
         raise _Exit(f"the order demo needs a source checkout of Conveyor ({exc})") from None
+    if db is not None and (broker is not None or store is not None):
+        raise _Exit("--db is the SQLite shortcut: give either --db or --broker/--store, not both")
+    broker_url = broker or (store if _is_database(store) else None)
+    store_url = store or (broker if _is_database(broker) else None)
     tmp = None
-    if db is None and (broker is None or store is None):
-        tmp = tempfile.TemporaryDirectory(prefix="conveyor-demo-")
-        db = Path(tmp.name) / "orders.db"
-    broker_url = broker or f"sqlite:///{db}"
-    store_url = store or (broker_url if broker_url.startswith("sqlite:") else f"sqlite:///{db}")
+    if broker_url is None or store_url is None:
+        if db is None:
+            tmp = tempfile.TemporaryDirectory(prefix="conveyor-demo-")
+            db = Path(tmp.name) / "orders.db"
+        broker_url = broker_url or f"sqlite:///{db}"
+        store_url = store_url or f"sqlite:///{db}"
+    broker_url, store_url = _fresh_namespace(broker_url, store_url)
     faults = Faults(
         error_rate=error_rate,
         latency=latency,
@@ -402,12 +413,80 @@ def demo(
         raise typer.Exit(1)
 
 
-@app.command()
+def _is_database(url: str | None) -> bool:
+    """A URL both a broker and a store can use (one transaction for both)."""
+    return url is not None and url.split("://", 1)[0].lower() in (
+        "sqlite",
+        "postgresql",
+        "postgres",
+    )
+
+
+def _fresh_namespace(broker_url: str, store_url: str) -> tuple[str, str]:
+    """Give PostgreSQL URLs without ``namespace=`` a fresh one (the same one
+    when broker and store share a URL), so a demo never mixes with earlier data."""
+    from urllib.parse import parse_qs, urlsplit
+    from uuid import uuid4
+
+    fresh = f"demo_{uuid4().hex[:10]}"
+    out = []
+    for url in (broker_url, store_url):
+        parts = urlsplit(url)
+        if parts.scheme.lower() in ("postgresql", "postgres") and "namespace" not in parse_qs(
+            parts.query
+        ):
+            url = f"{url}{'&' if parts.query else '?'}namespace={fresh}"
+        out.append(url)
+    if out != [broker_url, store_url]:
+        console.print(f"PostgreSQL namespace for this run: [bold]{fresh}[/]", highlight=False)
+    return out[0], out[1]
+
+
+bench_app = typer.Typer(
+    help="Benchmarks that print measured ratios; no argument: the embedded default."
+)
+app.add_typer(bench_app, name="bench")
+
+OutputOpt = Annotated[Path | None, typer.Option(help="Also write results as JSON here.")]
+
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     messages: Annotated[int, typer.Option(min=1000, help="Messages per measurement.")] = 20_000,
-    output: Annotated[Path | None, typer.Option(help="Also write results as JSON here.")] = None,
+    output: OutputOpt = None,
 ) -> None:
-    """Measure the embedded broker and unit of work against raw sqlite3 loops."""
+    """Measure the embedded broker and unit of work against raw sqlite3 loops
+    (`conveyor bench brokers`: the server brokers)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from conveyor.cli._bench import run_bench
 
     run_bench(console, messages=messages, output=output)
+
+
+@bench_app.command("brokers")
+def bench_brokers(
+    messages: Annotated[int, typer.Option(min=1000, help="Messages per measurement.")] = 20_000,
+    brokers: Annotated[
+        str, typer.Option(help="Comma-separated: redis,rabbitmq,postgres,nats,kafka.")
+    ] = "redis,rabbitmq,postgres,nats,kafka",
+    output: OutputOpt = None,
+) -> None:
+    """Measure the server brokers against their raw clients and Dramatiq.
+
+    Also the PostgreSQL unit of work against a raw asyncpg loop. Needs the
+    servers on 127.0.0.1 (./scripts/services) and a source checkout."""
+    try:
+        from benchmarks.brokers import run_broker_bench
+    except ImportError as exc:
+        raise _Exit(f"the broker benchmark needs a source checkout of Conveyor ({exc})") from None
+    try:
+        run_broker_bench(
+            console,
+            messages=messages,
+            brokers=[b.strip() for b in brokers.split(",") if b.strip()],
+            output=output,
+        )
+    except ValueError as exc:
+        raise _Exit(str(exc)) from None

@@ -1,0 +1,641 @@
+"""PostgreSQL plumbing shared by the PostgreSQL broker and store (asyncpg).
+
+One ``Database`` per (server, database, user, namespace) per event loop in a
+process: a connection pool whose connections all run with ``search_path``
+set to the namespace (a schema, created if missing), plus one listening
+connection for ``LISTEN``/``NOTIFY`` wake-ups. A broker and a store on the
+same URL share it, which is how ``bind`` recognises that one transaction can
+hold the whole unit of work.
+
+URL: ``postgresql://user[:password]@host[:port]/database?namespace=NAME``
+(also ``postgres://``). Query parameters:
+
+- ``namespace``: the schema holding Conveyor's tables and, for the store, the
+  application's own tables (default ``public``); letters, digits and ``_``.
+- ``pool_min`` / ``pool_max``: connections kept / allowed (default 1 / 10).
+- ``connect_timeout``: seconds to wait for a connection (default 10).
+- ``reconnect_for``: seconds an operation outside a transaction keeps
+  retrying, with capped backoff, while the server is unreachable (default 30).
+- ``sslmode``: passed to asyncpg as is.
+
+Anything else is a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import re
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from conveyor._time import Clock, SystemClock
+from conveyor.errors import ConfigError, ConveyorError, StoreError
+from conveyor.messages import Message
+
+__all__ = [
+    "MESSAGE_COLUMNS",
+    "Database",
+    "PgOptions",
+    "PostgresBacked",
+    "PostgresTransaction",
+    "lock_id",
+    "message_from_row",
+    "message_params",
+    "parse_url",
+    "translate",
+]
+
+T = TypeVar("T")
+
+MESSAGE_COLUMNS = "msg_id, topic, type, key, priority, headers, payload, created_at"
+
+_NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
+_FLOAT_OPTIONS = {"connect_timeout": 10.0, "reconnect_for": 30.0}
+_PASSTHROUGH = ("sslmode",)
+
+# Errors that mean the connection or server went away: worth a reconnect.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+)
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *_CONNECTION_ERRORS)
+# Worth repeating a whole self-contained operation for.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    *_CONNECTION_ERRORS,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+class _Again(Exception):
+    """A transient driver error from inside a transaction: run it again."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_RETRY: tuple[type[BaseException], ...] = (*_TRANSIENT, _Again)
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DRIVER_ERRORS)
+
+
+@dataclass(frozen=True, slots=True)
+class PgOptions:
+    dsn: str
+    namespace: str
+    pool_min: int
+    pool_max: int
+    connect_timeout: float
+    reconnect_for: float
+
+    @property
+    def key(self) -> str:
+        """Which database and namespace: equal keys share one transaction."""
+        parts = urlsplit(self.dsn)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+        return f"{parts.username}@{host}:{port}{parts.path}#{self.namespace}"
+
+    @property
+    def channel(self) -> str:
+        return f"conveyor_{self.namespace}"[:63]
+
+
+def parse_url(url: str) -> PgOptions:
+    """Check a ``postgresql://`` URL and split off Conveyor's own options."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise ConfigError(f"invalid PostgreSQL URL {url!r}: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"not a PostgreSQL URL: {url!r} (expected postgresql://user@host:port/database)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"invalid PostgreSQL URL {url!r}: no host")
+    if parts.path.strip("/") == "" or "/" in parts.path.strip("/"):
+        raise ConfigError(f"invalid PostgreSQL URL {url!r}: name one database, as in /mydb")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    namespace = query.pop("namespace", ["public"])[-1]
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError(
+            f"invalid namespace={namespace!r} in {url!r}: use letters, digits and _ "
+            "(at most 63, not starting with a digit)"
+        )
+    values: dict[str, Any] = {}
+    for name, default in _INT_OPTIONS.items():
+        raw = query.pop(name, [str(default)])[-1]
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: expected an integer") from None
+        if values[name] < (0 if name == "pool_min" else 1):
+            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: too small")
+    if values["pool_min"] > values["pool_max"]:
+        raise ConfigError(f"pool_min is larger than pool_max in {url!r}")
+    for name, fdefault in _FLOAT_OPTIONS.items():
+        raw = query.pop(name, [str(fdefault)])[-1]
+        try:
+            values[name] = float(raw)
+        except ValueError:
+            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: expected seconds") from None
+        if values[name] <= 0:
+            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: must be > 0")
+    passthrough = {k: query.pop(k)[-1] for k in _PASSTHROUGH if k in query}
+    if query:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(sorted(query))} in {url!r}; known: namespace, "
+            f"{', '.join([*_INT_OPTIONS, *_FLOAT_OPTIONS, *_PASSTHROUGH])}"
+        )
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passthrough), ""))
+    return PgOptions(dsn=dsn, namespace=namespace, **values)
+
+
+@lru_cache(maxsize=1024)
+def translate(sql: str) -> str:
+    """``?`` placeholders -> ``$1..$n``, leaving alone every ``?`` inside a
+    string literal ('...', E'...', $tag$...$tag$), a quoted identifier or a
+    comment."""
+    out: list[str] = []
+    i, n, count = 0, len(sql), 0
+    while i < n:
+        c = sql[i]
+        if c == "?":
+            count += 1
+            out.append(f"${count}")
+            i += 1
+        elif c == "'":
+            escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not sql[i - 2].isalnum())
+            j = i + 1
+            while j < n:
+                if escapes and sql[j] == "\\":
+                    j += 2
+                    continue
+                if sql[j] == "'":
+                    if j + 1 < n and sql[j + 1] == "'":
+                        j += 2
+                        continue
+                    break
+                j += 1
+            out.append(sql[i : j + 1])
+            i = j + 1
+        elif c == '"':
+            j = sql.find('"', i + 1)
+            j = n - 1 if j < 0 else j
+            out.append(sql[i : j + 1])
+            i = j + 1
+        elif sql.startswith("--", i):
+            j = sql.find("\n", i)
+            j = n - 1 if j < 0 else j
+            out.append(sql[i : j + 1])
+            i = j + 1
+        elif sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            j = n - 2 if j < 0 else j
+            out.append(sql[i : j + 2])
+            i = j + 2
+        elif c == "$" and (m := re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", sql[i:])):
+            tag = m.group(0)
+            j = sql.find(tag, i + len(tag))
+            end = n if j < 0 else j + len(tag)
+            out.append(sql[i:end])
+            i = end
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def lock_id(*parts: str) -> int:
+    """A signed 64-bit advisory lock id for ``parts``."""
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+    value: int = struct.unpack(">q", digest)[0]
+    return value
+
+
+def message_params(message: Message) -> tuple[object, ...]:
+    headers = json.dumps(dict(message.headers), separators=(",", ":"))
+    return (
+        message.id,
+        message.topic,
+        message.type,
+        message.key,
+        message.priority,
+        headers,
+        message.payload,
+        message.created_at,
+    )
+
+
+def message_from_row(row: Sequence[Any], attempt: int = 0) -> Message:
+    return Message(
+        id=row[0],
+        topic=row[1],
+        type=row[2],
+        key=row[3],
+        priority=row[4],
+        headers=MappingProxyType(json.loads(row[5])),
+        payload=bytes(row[6]),
+        created_at=row[7],
+        attempt=attempt,
+    )
+
+
+def _rowcount(status: str) -> int:
+    """``INSERT 0 3`` / ``UPDATE 2`` / ``DELETE 1`` -> the row count."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PostgresTransaction:
+    """An open PostgreSQL transaction of a Conveyor store or broker.
+
+    SQL is PostgreSQL's, with ``?`` placeholders as the Transaction protocol
+    says: they are translated to ``$1..$n`` (a ``?`` inside a string literal,
+    quoted identifier or comment is left alone, so the jsonb ``?`` operator
+    cannot be written here: use ``jsonb_exists``). Values must match their
+    column types exactly (asyncpg does not coerce a str into an integer).
+    """
+
+    __slots__ = ("_depth", "conn", "database", "error", "notify")
+
+    def __init__(
+        self, database: Database, conn: asyncpg.Connection, error: type[ConveyorError]
+    ) -> None:
+        self.database = database
+        self.conn = conn
+        self.error = error
+        self._depth = 0
+        self.notify: set[str] = set()
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        return _rowcount(await self._call(self.conn.execute, translate(sql), *params))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        # asyncpg's executemany reports no count; a loop over one prepared
+        # statement does, at the price of a round trip per row.
+        if not rows:
+            return 0
+        statement = await self._call(self.conn.prepare, translate(sql))
+        total = 0
+        for row in rows:
+            await self._call(statement.fetch, *row)
+            total += _rowcount(statement.get_statusmsg() or "")
+        return total
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        row = await self._call(self.conn.fetchrow, translate(sql), *params)
+        return None if row is None else tuple(row)
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        rows = await self._call(self.conn.fetch, translate(sql), *params)
+        return [tuple(r) for r in rows]
+
+    async def run(self, sql: str, *params: object) -> str:
+        """Conveyor's own statements: ``$n`` placeholders, no translation."""
+        status: str = await self._call(self.conn.execute, sql, *params)
+        return status
+
+    async def rows(self, sql: str, *params: object) -> list[asyncpg.Record]:
+        result: list[asyncpg.Record] = await self._call(self.conn.fetch, sql, *params)
+        return result
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        try:
+            return await fn(*args)
+        except DRIVER_ERRORS as exc:
+            raise self.error(f"PostgreSQL {self.database.options.key}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Nested scope: an exception inside rolls back only its own writes."""
+        self._depth += 1
+        name = f"conveyor_sp{self._depth}"
+        notify = set(self.notify)
+        await self.run(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            await self.run(f"ROLLBACK TO SAVEPOINT {name}")
+            await self.run(f"RELEASE SAVEPOINT {name}")
+            self.notify = notify
+            raise
+        else:
+            await self.run(f"RELEASE SAVEPOINT {name}")
+        finally:
+            self._depth -= 1
+
+
+class Database:
+    """A pool on one database and namespace, shared in one process and loop."""
+
+    _open: ClassVar[dict[tuple[str, int], Database]] = {}
+
+    def __init__(self, options: PgOptions) -> None:
+        self.options = options
+        self._refs = 0
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._schemas: set[str] = set()
+        self._versions: dict[str, int] = {}
+        self._event = asyncio.Event()
+        self._listen_task: asyncio.Task[bool] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def acquire(cls, url: str, error: type[ConveyorError]) -> Database:
+        options = parse_url(url)
+        loop = asyncio.get_running_loop()
+        slot = (options.key, id(loop))
+        db = cls._open.get(slot)
+        if db is not None and db._loop is not loop:  # a leaked one of a dead loop
+            db = None
+        if db is None:
+            db = cls(options)
+            await db._start(error)
+            other = cls._open.get(slot)
+            if other is not None and other._loop is loop:  # another task won the race
+                await db._stop()
+                db = other
+            else:
+                cls._open[slot] = db
+        db._refs += 1
+        return db
+
+    async def release(self) -> None:
+        self._refs -= 1
+        if self._refs <= 0:
+            loop = id(asyncio.get_running_loop())
+            if Database._open.get((self.options.key, loop)) is self:
+                del Database._open[(self.options.key, loop)]
+            await self._stop()
+
+    @property
+    def key(self) -> str:
+        return self.options.key
+
+    async def _start(self, error: type[ConveyorError]) -> None:
+        o = self.options
+        create = f'CREATE SCHEMA IF NOT EXISTS "{o.namespace}"'
+
+        async def setup() -> asyncpg.Pool:
+            # The schema must exist before search_path is worth setting.
+            conn = await asyncpg.connect(o.dsn, timeout=o.connect_timeout)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_id("schema"))
+                    await conn.execute(create)
+            finally:
+                await conn.close()
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                o.dsn,
+                min_size=o.pool_min,
+                max_size=o.pool_max,
+                timeout=o.connect_timeout,
+                server_settings={"search_path": f'"{o.namespace}"'},
+            )
+            return pool
+
+        self._pool = await self.retrying(setup, error, "connect")
+
+    async def _stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if self._listen_task is not None:
+            with contextlib.suppress(BaseException):
+                await self._listen_task
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await listener.close(timeout=2)
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except _CLOSE_ERRORS:
+                pool.terminate()  # a connection still busy: cut it
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError(f"PostgreSQL {self.key} is closed")
+        return self._pool
+
+    async def retrying(
+        self, op: Callable[[], Awaitable[T]], error: type[ConveyorError], what: str
+    ) -> T:
+        """Run ``op``; while the server is unreachable, retry it with capped
+        exponential backoff for up to ``reconnect_for`` seconds. Only for
+        operations that are safe to repeat."""
+        give_up = time.monotonic() + self.options.reconnect_for
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except _RETRY as exc:
+                cause = exc.error if isinstance(exc, _Again) else exc
+                if time.monotonic() + delay > give_up:
+                    raise error(
+                        f"PostgreSQL {self.key} unreachable for "
+                        f"{self.options.reconnect_for:g}s ({what}): {cause}"
+                    ) from cause
+            except asyncpg.PostgresError as exc:
+                raise error(f"PostgreSQL {self.key} ({what}): {exc}") from exc
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 2.0)
+
+    async def ensure_schema(self, name: str, ddl: str, error: type[ConveyorError]) -> None:
+        if name in self._schemas:
+            return
+
+        async def create() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                # Concurrent CREATE ... IF NOT EXISTS can still collide.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)", lock_id("ddl", self.options.namespace)
+                )
+                await conn.execute(ddl)
+
+        await self.retrying(create, error, f"create the {name} tables")
+        self._schemas.add(name)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, error: type[ConveyorError]) -> AsyncIterator[PostgresTransaction]:
+        """A read-committed transaction; commits on success, rolls back on
+        error. The ``NOTIFY`` its writes asked for is sent just before
+        ``COMMIT``: PostgreSQL delivers it only once the commit is done."""
+
+        async def begin() -> asyncpg.Connection:
+            # A pooled connection may have died with its server: BEGIN finds
+            # out, and is safe to try again on a fresh one.
+            conn = await self.pool.acquire()
+            try:
+                await conn.execute("BEGIN")
+            except BaseException:
+                with contextlib.suppress(*DRIVER_ERRORS):
+                    await self.pool.release(conn)
+                raise
+            return conn
+
+        conn = await self.retrying(begin, error, "begin a transaction")
+        try:
+            tx = PostgresTransaction(self, conn, error)
+            try:
+                yield tx
+                for payload in sorted(tx.notify):
+                    await tx.run("SELECT pg_notify($1, $2)", self.options.channel, payload)
+            except BaseException:
+                try:
+                    await asyncio.shield(conn.execute("ROLLBACK"))
+                except BaseException:
+                    conn.terminate()
+                raise
+            await tx.run("COMMIT")
+        finally:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await self.pool.release(conn)
+
+    async def run(
+        self,
+        error: type[ConveyorError],
+        what: str,
+        body: Callable[[PostgresTransaction], Awaitable[T]],
+    ) -> T:
+        """``body`` in a transaction of its own, retried while the server is
+        unreachable (only for bodies that are safe to repeat)."""
+
+        async def once() -> T:
+            async with self.transaction(error) as tx:
+                return await body(tx)
+
+        async def unwrapped() -> T:
+            try:
+                return await once()
+            except ConveyorError as exc:
+                if isinstance(exc.__cause__, _TRANSIENT):
+                    raise _Again(exc.__cause__) from None
+                raise
+
+        return await self.retrying(unwrapped, error, what)
+
+    async def fetch(self, error: type[ConveyorError], sql: str, *params: object) -> list[Any]:
+        async def read() -> list[Any]:
+            async with self.pool.acquire() as conn:
+                rows: list[Any] = await conn.fetch(sql, *params)
+                return rows
+
+        return await self.retrying(read, error, "read")
+
+    # -- LISTEN/NOTIFY -------------------------------------------------------
+
+    def version(self, payload: str) -> int:
+        return self._versions.get(payload, 0)
+
+    def _heard(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._versions[payload] = self._versions.get(payload, 0) + 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def _listening(self) -> bool:
+        """Whether the listening connection is up; (re)connects it in a task
+        of its own, so a cancelled waiter never leaves a half-open socket."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        if self._pool is None:
+            return False
+        if self._listen_task is None or self._listen_task.done():
+            self._listen_task = asyncio.get_running_loop().create_task(self._listen())
+        return await asyncio.shield(self._listen_task)
+
+    async def _listen(self) -> bool:
+        try:
+            conn = await asyncpg.connect(self.options.dsn, timeout=self.options.connect_timeout)
+        except _CLOSE_ERRORS:
+            return False
+        try:
+            await conn.add_listener(self.options.channel, self._heard)
+        except DRIVER_ERRORS:
+            conn.terminate()
+            return False
+        if self._pool is None:  # closed meanwhile
+            await conn.close()
+            return False
+        self._listener = conn
+        # Anything may have been published while nobody listened.
+        for payload in self._versions:
+            self._versions[payload] += 1
+        self._event.set()
+        self._event = asyncio.Event()
+        return True
+
+    async def wait_for(self, payload: str, since: int | None, timeout: float) -> int:
+        """Return this process's count of notifications for ``payload`` once it
+        differs from ``since`` (None: the count now), or after ``timeout``."""
+        listening = await self._listening()
+        if since is None:
+            since = self.version(payload)
+        deadline = time.monotonic() + timeout
+        while self.version(payload) == since:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if not listening:  # the server is away: poll at the caller's pace
+                await asyncio.sleep(remaining)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), remaining)
+        return self.version(payload)
+
+
+class PostgresBacked:
+    """What the PostgreSQL broker and store share: a URL, a clock and this
+    process's ``Database`` for it, with their tables created on connect."""
+
+    role: ClassVar[str]
+    schema: ClassVar[str]
+    error: ClassVar[type[ConveyorError]]
+
+    def __init__(self, url: str, *, clock: Clock | None = None) -> None:
+        self.url = url
+        self.options = parse_url(url)
+        self.clock: Clock = clock or SystemClock()
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise self.error(f"{self.role} {self.url} is not connected; call connect() first")
+        return self._db
+
+    async def connect(self) -> None:
+        """Connect, create the namespace and the tables. Idempotent."""
+        if self._db is None:
+            db = await Database.acquire(self.url, self.error)
+            try:
+                await db.ensure_schema(self.role, self.schema, self.error)
+            except BaseException:
+                await db.release()
+                raise
+            self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.release()
