@@ -9,10 +9,11 @@ except those marked ``requires(flag)`` for a capability it does not declare.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -28,8 +29,10 @@ BROKERS: dict[str, Callable[[Path], str]] = {
     "postgres": lambda tmp: namespaced(POSTGRES_URL),
     "redis": lambda tmp: namespaced(REDIS_URL),
     "rabbitmq": lambda tmp: namespaced(AMQP_URL),
+    # Classic queues with priorities: the other RabbitMQ code path (basic.get).
+    "rabbitmq-classic": lambda tmp: namespaced(f"{AMQP_URL}?queue_type=classic&max_priority=10"),
     "nats": lambda tmp: namespaced(NATS_URL),
-    "kafka": lambda tmp: namespaced(kafka_url()),
+    "kafka": lambda tmp: namespaced(f"{kafka_url()}?session_timeout=3&heartbeat_interval=0.3"),
 }
 
 STORES: dict[str, Callable[[Path], str]] = {
@@ -43,6 +46,7 @@ _MODULES = {
     "postgres": "postgres",
     "redis": "redis",
     "rabbitmq": "rabbitmq",
+    "rabbitmq-classic": "rabbitmq",
     "nats": "nats",
     "kafka": "kafka",
 }
@@ -97,10 +101,44 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("store_name", list(STORES))
 
 
+@pytest.fixture(scope="session")
+def _rabbitmq_namespaces() -> Iterator[list[str]]:
+    """RabbitMQ namespaces the tests used; their queues and exchanges (only
+    theirs) are deleted at the end of the session."""
+    used: list[str] = []
+    yield used
+    if used:
+        from tests.rabbitmq_admin import drop_namespaces
+
+        asyncio.run(drop_namespaces(used))
+
+
 @pytest.fixture
-def broker_factory(broker_name: str, tmp_path: Path) -> UrlBrokerFactory:
+def _postgres_namespaces() -> Iterator[list[str]]:
+    """PostgreSQL URLs a test used; their schemas are dropped after it."""
+    used: list[str] = []
+    yield used
+    from tests.postgres import drop_namespace
+
+    for url in used:
+        drop_namespace(url)
+
+
+@pytest.fixture
+def broker_factory(
+    broker_name: str,
+    tmp_path: Path,
+    _rabbitmq_namespaces: list[str],
+    _postgres_namespaces: list[str],
+) -> UrlBrokerFactory:
     """Clients of one fresh namespace of broker ``broker_name``."""
-    return UrlBrokerFactory(BROKERS[broker_name](tmp_path))
+    url = BROKERS[broker_name](tmp_path)
+    _postgres_namespaces.append(url)
+    if url.startswith("amqp:"):
+        from tests.rabbitmq_admin import namespace_of
+
+        _rabbitmq_namespaces.append(namespace_of(url))
+    return UrlBrokerFactory(url)
 
 
 @pytest.fixture
@@ -115,6 +153,10 @@ def runtime_store(
 
 
 @pytest.fixture
-def store_factory(store_name: str, tmp_path: Path) -> UrlStoreFactory:
+def store_factory(
+    store_name: str, tmp_path: Path, _postgres_namespaces: list[str]
+) -> UrlStoreFactory:
     """Clients of one fresh namespace of store ``store_name``."""
-    return UrlStoreFactory(STORES[store_name](tmp_path))
+    url = STORES[store_name](tmp_path)
+    _postgres_namespaces.append(url)
+    return UrlStoreFactory(url)

@@ -39,6 +39,9 @@ class Capabilities:
     per_key_ordering: bool
     priorities: bool
     max_payload: int
+    releases_on_disconnect: bool = False
+    """The server hands a client's unacknowledged deliveries back as soon as
+    its connection closes (RabbitMQ), instead of when their lease expires."""
 
 
 @dataclass(frozen=True, slots=True)
