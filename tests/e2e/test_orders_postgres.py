@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -18,7 +19,8 @@ from rich.console import Console
 
 from conveyor import ConfigError
 from tests.postgres import drop_namespace, drop_namespace_async
-from tests.servers import POSTGRES_URL, namespaced
+from tests.rabbitmq_admin import drop_namespaces, namespace_of
+from tests.servers import AMQP_URL, POSTGRES_URL, REDIS_URL, namespaced
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,3 +105,22 @@ def test_cli_demo_refuses_db_with_broker(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "not both" in proc.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_cli_demo_on_a_server_broker_with_a_postgres_store(broker: str) -> None:
+    """`conveyor demo --broker redis://|amqp:// --store postgresql://` runs the order
+    system across two servers (the generic path: outbox + relay) and every
+    invariant holds."""
+    broker_url = namespaced(REDIS_URL if broker == "redis" else AMQP_URL, prefix="e2e")
+    store_url = namespaced(POSTGRES_URL, prefix="e2e")
+    try:
+        proc = _cli("--orders", "60", "--broker", broker_url, "--store", store_url)
+    finally:
+        drop_namespace(store_url)
+        if broker == "rabbitmq":
+            asyncio.run(drop_namespaces([namespace_of(broker_url)]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all invariants hold" in proc.stdout
+    assert "dead letters: 0" in proc.stdout
