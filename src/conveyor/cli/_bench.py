@@ -105,65 +105,97 @@ def raw_unit_of_work(path: str, n: int) -> float:
     return n / elapsed
 
 
-async def _publish(url: str, n: int, batch: int) -> float:
+async def _publish(url: str, n: int, batch: int, *, store_url: str | None = None) -> float:
+    """Publish ``n`` messages to ``bench.in``; the rate. ``batch == 1``: one
+    ``App.publish`` call each. Otherwise ``batch`` per transaction when the
+    broker shares the store's database, else ``batch`` per ``broker.publish``
+    call (what the outbox relay does; a transaction would only fill the outbox)."""
+    from conveyor.brokers import TransactionalBroker
+    from conveyor.messages import Message
     from conveyor.runtime import App
     from conveyor.settings import Settings
 
-    app = App("bench", settings=Settings(broker_url=url))
+    app = App("bench", settings=Settings(broker_url=url, store_url=store_url))
     async with app:
         await app.broker.declare("bench.in", "bench")
+        broker = app.broker
+        bound = isinstance(broker, TransactionalBroker) and broker.bind(app.store) is not None
         start = time.perf_counter()
         if batch == 1:
             for i in range(n):
                 await app.publish("bench.in", {"i": i, "amount": 1234})
-        else:
+        elif bound:
             for i in range(0, n, batch):
                 async with app.transaction() as s:
                     for j in range(i, min(n, i + batch)):
                         await s.publish("bench.in", {"i": j, "amount": 1234})
+        else:
+            size = app.settings.max_payload
+            for i in range(0, n, batch):
+                await broker.publish(
+                    [
+                        Message.create(
+                            "bench.in", {"i": j, "amount": 1234}, codec=app.codec, max_payload=size
+                        )
+                        for j in range(i, min(n, i + batch))
+                    ]
+                )
         return n / (time.perf_counter() - start)
 
 
-def _child(mode: str, url: str, n: int, ready_file: str) -> dict[str, float]:
+def _business_ddl(store_url: str, table: str) -> str:
+    """The benchmark's business table in the store's SQL dialect."""
+    key = "INTEGER PRIMARY KEY" if store_url.startswith("sqlite:") else "BIGSERIAL PRIMARY KEY"
+    return f"CREATE TABLE IF NOT EXISTS {table} (id {key}, msg_id TEXT, amount BIGINT)"
+
+
+def _child(
+    mode: str, url: str, n: int, ready_file: str, store_url: str | None, table: str
+) -> dict[str, float]:
     """Runs in the worker child process."""
     from conveyor.runtime import App, Context
     from conveyor.settings import Settings
 
-    app = App("bench", settings=Settings(broker_url=url, prefetch=256, idle_poll=0.05))
+    app = App(
+        "bench",
+        settings=Settings(broker_url=url, store_url=store_url, prefetch=256, idle_poll=0.05),
+    )
     done = asyncio.Event()
     latencies: list[float] = []
     count = 0
+    # perf_counter() of the first handler call and of the n-th
+    marks: list[float] = []
+
+    def counted() -> None:
+        nonlocal count
+        count += 1
+        if count == 1 or count == n:
+            marks.append(time.perf_counter())
+        if count >= n:
+            done.set()
 
     if mode == "uow":
 
         @app.handler("bench.in", group="bench")
         async def unit(ctx: Context, body: dict[str, int]) -> None:
-            nonlocal count
             await ctx.execute(
-                "INSERT INTO business (msg_id, amount) VALUES (?, ?)",
+                f"INSERT INTO {table} (msg_id, amount) VALUES (?, ?)",
                 (ctx.message.id, body["amount"]),
             )
             await ctx.publish("bench.out", body)
-            count += 1
-            if count >= n:
-                done.set()
+            counted()
 
     else:
 
         @app.handler("bench.in", group="bench")
         async def noop(ctx: Context, body: bytes) -> None:
-            nonlocal count
             if mode == "latency":
                 latencies.append(time.time() - ctx.message.created_at)
-            count += 1
-            if count >= n:
-                done.set()
+            counted()
 
     async def main() -> dict[str, float]:
         async with app.transaction() as s:
-            await s.execute(
-                "CREATE TABLE IF NOT EXISTS business (id INTEGER PRIMARY KEY, msg_id TEXT, amount INTEGER)"
-            )
+            await s.execute(_business_ddl(app.settings.resolved_store_url, table))
         worker = app.worker()
         with open(ready_file, "w") as f:  # noqa: ASYNC230 - once, before timing
             f.write("ready")
@@ -175,6 +207,9 @@ def _child(mode: str, url: str, n: int, ready_file: str) -> dict[str, float]:
         await task
         out = {
             "rate": n / elapsed,
+            # from the first message handled to the last: leaves out start-up
+            # costs such as joining a Kafka consumer group
+            "steady_rate": (n - 1) / (marks[-1] - marks[0]) if n > 1 else n / elapsed,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if latencies:
@@ -187,28 +222,58 @@ def _child(mode: str, url: str, n: int, ready_file: str) -> dict[str, float]:
     return asyncio.run(main())
 
 
-def _spawn(mode: str, url: str, n: int, workdir: str) -> tuple[subprocess.Popen[str], str]:
+def _spawn(
+    mode: str,
+    url: str,
+    n: int,
+    workdir: str,
+    *,
+    store_url: str | None = None,
+    table: str = "business",
+) -> tuple[subprocess.Popen[str], str]:
     ready = os.path.join(workdir, f"ready-{mode}-{uuid.uuid4().hex}")
+    argv = [mode, url, str(n), ready, table, *([store_url] if store_url else [])]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor.cli._bench", mode, url, str(n), ready],
+        [sys.executable, "-m", "conveyor.cli._bench", *argv],
         stdout=subprocess.PIPE,
         text=True,
     )
     return proc, ready
 
 
-def _result(proc: subprocess.Popen[str]) -> dict[str, float]:
-    out, _ = proc.communicate(timeout=900)
+def _result(proc: subprocess.Popen[str], timeout: float = 900) -> dict[str, float]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # a timeout or Ctrl-C: never leave the worker running
+        proc.kill()
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise RuntimeError(f"benchmark worker did not finish within {timeout:g}s") from None
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed with exit code {proc.returncode}")
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
-def _consume(mode: str, url: str, n: int, workdir: str) -> dict[str, float]:
-    asyncio.run(_publish(url, n, batch=500))
-    proc, _ = _spawn(mode, url, n, workdir)
-    return _result(proc)
+def _consume(
+    mode: str,
+    url: str,
+    n: int,
+    workdir: str,
+    *,
+    store_url: str | None = None,
+    table: str = "business",
+    timeout: float = 900,
+) -> dict[str, float]:
+    """Fill ``bench.in`` with ``n`` messages, then drain it with a worker in a
+    child process (``mode``: ``noop`` or ``uow``); the worker's figures plus
+    ``publish_rate``, the fill's."""
+    published = asyncio.run(
+        asyncio.wait_for(_publish(url, n, batch=500, store_url=store_url), timeout)
+    )
+    proc, _ = _spawn(mode, url, n, workdir, store_url=store_url, table=table)
+    return {**_result(proc, timeout), "publish_rate": published}
 
 
 def _latency(url: str, rate: float | None, n: int, workdir: str) -> dict[str, float]:
@@ -346,5 +411,6 @@ def _print(console: Console, r: dict[str, float], n: int) -> None:
 
 
 if __name__ == "__main__":
-    mode, url, count, ready = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(_child(mode, url, count, ready)))
+    mode, url, count, ready, table = sys.argv[1:6]
+    store = sys.argv[6] if len(sys.argv) > 6 else None
+    print(json.dumps(_child(mode, url, int(count), ready, store, table)))
