@@ -198,9 +198,10 @@ def test_message_that_kills_its_worker_ends_as_undeliverable(files: Files) -> No
     """A message whose handling kills the worker process every time uses up an
     attempt per crash and, past max_attempts, is dead-lettered as undeliverable
     instead of crashing workers forever; every other message is applied once."""
-    # Last, so that on the generic path the messages fetched with it are already
-    # acknowledged when it kills the worker; on the bound path they share its
-    # uncommitted batch and must not use up attempts with it.
+    # Last, in a batch with others: its first crash rolls their batch back too
+    # (one attempt each); from then on a redelivered message is claimed
+    # (bound path) or committed and acknowledged (generic path) alone, so
+    # they do not use up further attempts with it.
     n, max_attempts = 40, 2
     poison = n - 1
     prepare(files, n)

@@ -300,7 +300,8 @@ async def test_stop_after_a_failed_ack_still_finishes_the_rest_of_the_batch(
     started, release = asyncio.Event(), asyncio.Event()
     active = 0
 
-    @app.handler("work", group="apply")
+    # Concurrent handlers: each delivery has its own transaction and ack.
+    @app.handler("work", group="apply", concurrency=2)
     async def apply(ctx: Context, body: dict[str, int]) -> None:
         nonlocal active
         await ctx.execute("INSERT INTO effects (msg_id) VALUES (?)", (ctx.message.id,))
@@ -333,3 +334,46 @@ async def test_stop_after_a_failed_ack_still_finishes_the_rest_of_the_batch(
         assert (stats.ready, stats.in_flight, stats.delayed) == (0, 1, 0), (
             "only the delivery whose ack failed is still leased"
         )
+
+
+class CountingAcks(MemoryBroker):
+    """A memory broker that records the size of every ack call."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__("memory://", clock=clock)
+        self.acks: list[int] = []
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> int:
+        self.acks.append(len(deliveries))
+        return await super().ack(deliveries)
+
+
+async def test_generic_path_commits_and_acks_a_batch_together(tmp_path: Path) -> None:
+    """With one handler at a time, a fetched batch is handled in one store
+    transaction and acknowledged with one call; a failing delivery rolls back
+    only its own writes and is retried alone."""
+    clock = FakeClock()
+    broker = CountingAcks(clock)
+    app = App(
+        "group-commit",
+        settings=settings_for("memory", tmp_path, prefetch=10),
+        broker=broker,
+        clock=clock,
+    )
+
+    @app.handler("work", group="apply", retry=RetryPolicy(base_delay=0, jitter=False))
+    async def apply(ctx: Context, body: dict[str, int]) -> None:
+        await ctx.execute("INSERT INTO effects (msg_id) VALUES (?)", (ctx.message.id,))
+        if body["n"] == 3 and ctx.attempt == 1:
+            raise RuntimeError("transient")
+
+    async with app:
+        await create_effects(app)
+        async with app.transaction() as s:
+            sent = [await s.publish("work", {"n": n}) for n in range(5)]
+        async with running(app):
+            await eventually(lambda: drained(app), what="drained")
+        assert broker.acks[0] == 4, "the batch's four successes were not acked in one call"
+        assert sum(broker.acks) == 5
+        effects = sorted(row[0] for row in store_rows(app, "SELECT msg_id FROM effects"))
+        assert effects == sorted(m.id for m in sent)

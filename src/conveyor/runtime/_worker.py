@@ -212,6 +212,17 @@ class Worker:
         deliveries = await broker.fetch(
             handler.topic, handler.group, max_messages=prefetch, lease=lease
         )
+        if not deliveries:
+            return 0
+        if handler.concurrency == 1:
+            # A redelivered message may be one that kills its worker: it is
+            # committed and acknowledged alone, after the others, so that it
+            # cannot take their attempts with it again.
+            fresh = [d for d in deliveries if d.message.attempt == 1]
+            again = [[d] for d in deliveries if d.message.attempt > 1]
+            for group in [fresh, *again] if fresh else again:
+                await self._grouped(handler, call, group)
+            return len(deliveries)
         limit = asyncio.Semaphore(handler.concurrency)
 
         async def one(delivery: Delivery) -> None:
@@ -240,6 +251,38 @@ class Worker:
             if isinstance(result, BaseException):
                 raise result
         return len(deliveries)
+
+    async def _grouped(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        deliveries: list[Delivery],
+    ) -> None:
+        """Group commit on the generic path: the batch shares one store
+        transaction (a savepoint per delivery, as on the bound path) and one
+        acknowledgement sent after the commit."""
+        broker, store = self.app.broker, self.app.store
+        outcomes: list[_Outcome] = []
+        try:
+            async with store.transaction() as tx:
+                for delivery in deliveries:
+                    outcomes.append(
+                        await self._handle(handler, call, tx, delivery, store.outbox_add)
+                    )
+        except BaseException:
+            with contextlib.suppress(Exception):  # rolled back: hand the batch back now
+                for delivery in deliveries:
+                    await broker.nack(delivery, delay=0.0)
+            raise
+        settled = list(zip(deliveries, outcomes, strict=True))
+        try:
+            # A lost ack only means a redelivery, which the inbox skips.
+            await broker.ack([d for d, outcome in settled if not outcome.retry])
+        finally:
+            for delivery, outcome in settled:
+                if outcome.retry:
+                    await broker.nack(delivery, delay=outcome.delay)
+        self.processed += len(deliveries)
 
     async def _handle(
         self,
