@@ -14,12 +14,17 @@ Options (anything else is a ``ConfigError``):
   ``conveyor-dead.<namespace>.<topic>.<group>``) and terminated; 0 turns it
   off. Keep it above every handler's ``max_attempts``: the runtime dead-letters
   into the store first, with the error and traceback.
+- ``max_age`` (7 days, at least 60 s): how long the stream keeps a message;
+  a message not consumed by then is gone, so keep it above any backlog.
 - ``timeout`` (30 s): how long an operation keeps retrying while the server is
   unreachable (the connection reconnects with capped backoff) before it
   raises ``BrokerError``.
 
-Topology. One stream per namespace with *interest* retention: a message stays
-until every group's consumer has acknowledged it, and no longer. Each (topic,
+Topology. One stream per namespace with *limits* retention: a message stays
+for ``max_age``, acknowledged or not, like a Kafka topic's retention. (Interest
+retention, which deletes a message once every consumer acknowledged it, drops
+messages published while a restarting server has restored the stream but not
+yet its consumers: nothing is interested in them. Seen on 2.9.) Each (topic,
 group) is a durable pull consumer filtered on ``conveyor.<ns>.<topic>.*``; the
 last token is ``all`` for a publish and ``g-<hash of group>`` for ``enqueue``
 (a replay to one group; the other groups acknowledge and skip it). Messages
@@ -94,7 +99,7 @@ _ENVELOPE = "Conveyor-Envelope"
 _GROUP = "Conveyor-Group"
 _MSG_ID = "Nats-Msg-Id"
 _ALL = "all"
-_OPTIONS = ("namespace", "replicas", "ack_wait", "max_deliver", "timeout")
+_OPTIONS = ("namespace", "replicas", "ack_wait", "max_deliver", "max_age", "timeout")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Headers and envelope must fit next to the payload in the server's default
 # max_payload (1 MiB).
@@ -126,6 +131,7 @@ class _Config:
     replicas: int
     ack_wait: float
     max_deliver: int
+    max_age: float
     timeout: float
 
 
@@ -178,6 +184,7 @@ def _parse(url: str) -> _Config:
         replicas=replicas,
         ack_wait=number("ack_wait", 1.0, float, 0.1),
         max_deliver=int(number("max_deliver", 50, int, 0)),
+        max_age=number("max_age", 7 * 86400.0, float, 60.0),
         timeout=number("timeout", 30.0, float, 0.1),
     )
 
@@ -349,7 +356,8 @@ class NatsBroker:
             name=self._stream,
             description=f"Conveyor namespace {ns}",
             subjects=[f"{self._prefix}.>"],
-            retention=RetentionPolicy.INTEREST,
+            retention=RetentionPolicy.LIMITS,
+            max_age=self._config.max_age,
             storage=StorageType.FILE,
             num_replicas=self._config.replicas,
             duplicate_window=120.0,
