@@ -22,7 +22,8 @@ class Settings(BaseSettings):
 
     broker_url: str = "sqlite:///conveyor.db"
     store_url: str | None = pydantic.Field(
-        default=None, description="defaults to broker_url when that is a SQLite URL"
+        default=None,
+        description="defaults to broker_url when that is a database (SQLite, PostgreSQL)",
     )
     max_payload: int = pydantic.Field(default=DEFAULT_MAX_PAYLOAD, gt=0)
     prefetch: int = pydantic.Field(default=64, gt=0, le=10_000)
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url
-        if self.broker_url.startswith("sqlite:"):
+        if self.broker_url.startswith(("sqlite:", "postgresql:", "postgres:")):
             return self.broker_url
         return "sqlite:///conveyor.db"
 
