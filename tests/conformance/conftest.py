@@ -10,7 +10,6 @@ except those marked ``requires(flag)`` for a capability it does not declare.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,22 +38,6 @@ STORES: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'store.db'}",
     "postgres": lambda tmp: namespaced(POSTGRES_URL),
 }
-
-# TEMPORARY while the server brokers are written: leave out brokers whose
-# module does not exist yet. Removed once every module has landed.
-_MODULES = {
-    "postgres": "postgres",
-    "redis": "redis",
-    "rabbitmq": "rabbitmq",
-    "rabbitmq-classic": "rabbitmq",
-    "nats": "nats",
-    "kafka": "kafka",
-}
-for _name, _module in _MODULES.items():
-    if importlib.util.find_spec(f"conveyor.brokers.{_module}") is None:
-        BROKERS.pop(_name)
-if importlib.util.find_spec("conveyor.store.postgres") is None:
-    STORES.pop("postgres")
 
 # Brokers that can share a database with a store of the same URL: the unit of
 # work is then one transaction.
