@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import pydantic
 
@@ -217,12 +217,9 @@ class Message:
             headers[TRACEPARENT] = self.traceparent
         return headers
 
-    def to_json(self) -> dict[str, object]:
-        """A JSON-safe view (payload as text when UTF-8, for CLIs and logs)."""
-        try:
-            payload: object = json.loads(self.payload)
-        except ValueError:
-            payload = self.payload.decode("utf-8", "replace")
+    def envelope(self) -> dict[str, Any]:
+        """Every field but the payload and the attempt, JSON-safe: what a broker
+        that carries the payload on its own puts beside it (one header)."""
         return {
             "id": self.id,
             "topic": self.topic,
@@ -230,8 +227,30 @@ class Message:
             "key": self.key,
             "headers": dict(self.headers),
             "priority": self.priority,
-            "attempt": self.attempt,
             "created_at": self.created_at,
             "not_before": self.not_before,
-            "payload": payload,
         }
+
+    @classmethod
+    def from_envelope(cls, fields: Mapping[str, Any], payload: bytes) -> Message:
+        """The message ``envelope()`` described, around ``payload`` (attempt 1).
+        Raises ``KeyError``/``ValueError``/``TypeError`` on a malformed envelope."""
+        return cls(
+            id=str(fields["id"]),
+            topic=str(fields["topic"]),
+            payload=payload,
+            type=str(fields["type"]),
+            key=fields.get("key"),
+            headers={str(k): str(v) for k, v in dict(fields["headers"]).items()},
+            priority=int(fields["priority"]),
+            created_at=float(fields["created_at"]),
+            not_before=None if fields["not_before"] is None else float(fields["not_before"]),
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-safe view (payload as text when UTF-8, for CLIs and logs)."""
+        try:
+            payload: object = json.loads(self.payload)
+        except ValueError:
+            payload = self.payload.decode("utf-8", "replace")
+        return {**self.envelope(), "attempt": self.attempt, "payload": payload}

@@ -227,17 +227,7 @@ def _retriable(exc: BaseException) -> bool:
 
 
 def _encode(message: Message, *, attempt: int, due: float | None) -> list[tuple[str, bytes]]:
-    envelope = {
-        "id": message.id,
-        "topic": message.topic,
-        "type": message.type,
-        "headers": dict(message.headers),
-        "priority": message.priority,
-        "created_at": message.created_at,
-        "not_before": message.not_before,
-        "attempt": attempt,
-        "due": due,
-    }
+    envelope = {**message.envelope(), "attempt": attempt, "due": due}
     return [(ENVELOPE, json.dumps(envelope, separators=(",", ":")).encode())]
 
 
@@ -279,17 +269,7 @@ def _decode(topic: str, record: Any) -> tuple[Message, int, float | None]:
 def _from_envelope(
     env: dict[str, Any], key: str | None, payload: bytes
 ) -> tuple[Message, int, float | None]:
-    message = Message(
-        topic=env["topic"],
-        payload=payload,
-        id=env["id"],
-        type=env["type"],
-        key=key,
-        headers=env["headers"],
-        priority=env["priority"],
-        created_at=env["created_at"],
-        not_before=env["not_before"],
-    )
+    message = Message.from_envelope({**env, "key": key}, payload)
     due = env.get("due")
     if due is None:
         due = message.not_before

@@ -497,17 +497,8 @@ class NatsBroker:
     # publishing
 
     def _encode(self, message: Message) -> tuple[bytes, dict[str, str]]:
-        envelope = {
-            "id": message.id,
-            "topic": message.topic,
-            "type": message.type,
-            "key": message.key,
-            "headers": dict(message.headers),
-            "priority": message.priority,
-            "created_at": message.created_at,
-            "not_before": message.not_before,
-        }
-        return message.payload, {_ENVELOPE: json.dumps(envelope, separators=(",", ":"))}
+        envelope = json.dumps(message.envelope(), separators=(",", ":"))
+        return message.payload, {_ENVELOPE: envelope}
 
     async def _put(self, subject: str, message: Message, msg_id: str) -> None:
         payload, headers = self._encode(message)
@@ -681,18 +672,7 @@ class NatsBroker:
         return Delivery(message.with_attempt(delivered), group, receipt)
 
     def _decode(self, msg: Msg) -> Message:
-        envelope = json.loads((msg.headers or {})[_ENVELOPE])
-        return Message(
-            id=str(envelope["id"]),
-            topic=str(envelope["topic"]),
-            payload=bytes(msg.data),
-            type=str(envelope["type"]),
-            key=envelope["key"],
-            headers=dict(envelope["headers"]),
-            priority=int(envelope["priority"]),
-            created_at=float(envelope["created_at"]),
-            not_before=envelope["not_before"],
-        )
+        return Message.from_envelope(json.loads((msg.headers or {})[_ENVELOPE]), bytes(msg.data))
 
     async def _dead(self, msg: Msg, group: str) -> None:
         """Copy ``msg`` to the dead-letter stream, then terminate it (a crash
