@@ -175,6 +175,8 @@ class SharedRabbitMQ(Restartable):
     url = AMQP_URL
 
     def start(self) -> None:
+        if _answers(5672):
+            return
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
         _wait_port(5672, up=True, timeout=60, what="RabbitMQ")
 
@@ -198,6 +200,8 @@ class SharedPostgres(Restartable):
         subprocess.run(cmd, check=True, capture_output=True)
 
     def start(self) -> None:
+        if _answers(5432):
+            return
         self._ctl("start")
         _wait_port(5432, up=True, timeout=60, what="PostgreSQL")
 
