@@ -85,42 +85,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def _rabbitmq_namespaces() -> Iterator[list[str]]:
-    """RabbitMQ namespaces the tests used; their queues and exchanges (only
-    theirs) are deleted at the end of the session."""
+def _namespaces() -> Iterator[list[str]]:
+    """Broker and store URLs the tests used; what their namespaces created on
+    the shared servers (only that) is deleted at the end of the session."""
     used: list[str] = []
     yield used
-    if used:
-        from tests.rabbitmq_admin import drop_namespaces
+    from tests.namespaces import drop_all
 
-        asyncio.run(drop_namespaces(used))
+    asyncio.run(drop_all(used))
 
 
 @pytest.fixture
-def _postgres_namespaces() -> Iterator[list[str]]:
-    """PostgreSQL URLs a test used; their schemas are dropped after it."""
-    used: list[str] = []
-    yield used
-    from tests.postgres import drop_namespace
-
-    for url in used:
-        drop_namespace(url)
-
-
-@pytest.fixture
-def broker_factory(
-    broker_name: str,
-    tmp_path: Path,
-    _rabbitmq_namespaces: list[str],
-    _postgres_namespaces: list[str],
-) -> UrlBrokerFactory:
+def broker_factory(broker_name: str, tmp_path: Path, _namespaces: list[str]) -> UrlBrokerFactory:
     """Clients of one fresh namespace of broker ``broker_name``."""
     url = BROKERS[broker_name](tmp_path)
-    _postgres_namespaces.append(url)
-    if url.startswith("amqp:"):
-        from tests.rabbitmq_admin import namespace_of
-
-        _rabbitmq_namespaces.append(namespace_of(url))
+    _namespaces.append(url)
     return UrlBrokerFactory(url)
 
 
@@ -136,10 +115,8 @@ def runtime_store(
 
 
 @pytest.fixture
-def store_factory(
-    store_name: str, tmp_path: Path, _postgres_namespaces: list[str]
-) -> UrlStoreFactory:
+def store_factory(store_name: str, tmp_path: Path, _namespaces: list[str]) -> UrlStoreFactory:
     """Clients of one fresh namespace of store ``store_name``."""
     url = STORES[store_name](tmp_path)
-    _postgres_namespaces.append(url)
+    _namespaces.append(url)
     return UrlStoreFactory(url)

@@ -18,8 +18,8 @@ from examples.orders.demo import DemoReport, Faults, run_demo
 from rich.console import Console
 
 from conveyor import ConfigError
+from tests.namespaces import drop_all
 from tests.postgres import drop_namespace, drop_namespace_async
-from tests.rabbitmq_admin import drop_namespaces, namespace_of
 from tests.servers import AMQP_URL, POSTGRES_URL, REDIS_URL, namespaced
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,9 +118,7 @@ def test_cli_demo_on_a_server_broker_with_a_postgres_store(broker: str) -> None:
     try:
         proc = _cli("--orders", "60", "--broker", broker_url, "--store", store_url)
     finally:
-        drop_namespace(store_url)
-        if broker == "rabbitmq":
-            asyncio.run(drop_namespaces([namespace_of(broker_url)]))
+        asyncio.run(drop_all([broker_url, store_url]))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all invariants hold" in proc.stdout
     assert "dead letters: 0" in proc.stdout
