@@ -28,6 +28,7 @@ from conveyor import Message
 from conveyor.brokers import broker_from_url
 from conveyor.store import store_from_url
 from tests.integration.crash_app import TABLES
+from tests.namespaces import drop_all
 from tests.servers import (
     AMQP_URL,
     NATS_URL,
@@ -198,20 +199,12 @@ async def until(predicate: Callable[[], Any], *, timeout: float, what: str, proc
 
 
 @contextlib.asynccontextmanager
-async def dropped_after(url: str) -> AsyncIterator[None]:
-    """Drop a PostgreSQL namespace (schema) the test created, afterwards."""
+async def dropped_after(*urls: str) -> AsyncIterator[None]:
+    """Delete what the test's namespaces created on shared servers, afterwards."""
     try:
         yield
     finally:
-        if url.startswith("postgresql:"):
-            import asyncpg
-
-            schema = url.rsplit("namespace=", 1)[1]
-            conn = await asyncpg.connect(POSTGRES_URL)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
+        await drop_all(urls)
 
 
 @pytest.mark.parametrize("name", list(SHARED))
@@ -221,7 +214,7 @@ async def test_three_workers_share_a_group_and_apply_every_message_once(
     n = 1500
     broker_url = namespaced(SHARED[name]())
     store_url = broker_url if name == "postgres" else namespaced(POSTGRES_URL)
-    async with dropped_after(store_url):
+    async with dropped_after(broker_url, store_url):
         await prepare(broker_url, store_url, 0)
         with workers(tmp_path, broker_url, store_url) as procs:
             ready = [procs.start("--delay", "0.004") for _ in range(3)]
@@ -253,7 +246,7 @@ async def test_broker_restart_mid_stream_applies_every_message_once(
     try:
         broker_url = namespaced(server.url)
         store_url = store_for(broker_url, tmp_path)
-        async with dropped_after(store_url):
+        async with dropped_after(broker_url, store_url):
             await prepare(broker_url, store_url, n)
             with workers(tmp_path, broker_url, store_url) as procs:
                 procs.start("--delay", "0.002")
