@@ -120,6 +120,45 @@ async def test_bound_unit_of_work_is_one_transaction(url: str) -> None:
         assert await _count(app, "SELECT COUNT(*) FROM conveyor_outbox") == 0, "no relay needed"
 
 
+async def test_concurrent_duplicate_fails_the_batch_and_is_applied_once(url: str) -> None:
+    """A copy of a message recorded in the inbox by another transaction while the
+    batch runs makes the batch's inbox insert fail: the whole batch rolls back and
+    comes back, the copy is skipped, the others are applied once."""
+    app = App("dup", settings=Settings(broker_url=url, store_url=url, idle_poll=0.01))
+    calls: list[tuple[int, int]] = []
+
+    @app.handler("pg.in", group="g", retry=RetryPolicy(base_delay=0))
+    async def handle(ctx: Context, body: dict[str, int]) -> None:
+        calls.append((body["n"], ctx.attempt))
+        await ctx.execute("INSERT INTO biz (id) VALUES (?)", (ctx.message.id,))
+        if body["n"] == 0 and ctx.attempt == 1:
+            # Another worker applies a copy of this message and commits first.
+            async with app.store.transaction() as other:
+                assert await app.store.inbox_add(other, "g", ctx.message.id)
+
+    async with app:
+        async with app.transaction() as s:
+            await s.execute("CREATE TABLE biz (id TEXT NOT NULL)")
+            sent = [await s.publish("pg.in", {"n": n}) for n in range(3)]
+        worker = app.worker(grace_period=2.0)
+        running = asyncio.create_task(worker.run())
+        try:
+
+            async def drained() -> bool:
+                return await _count(app, "SELECT COUNT(*) FROM conveyor_queue") == 0
+
+            await eventually(drained, timeout=20, what="the queue drained")
+        finally:
+            worker.stop()
+            await running
+        assert calls == [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2)], f"calls {calls}"
+        for message, applied in zip(sent, (0, 1, 1), strict=True):
+            assert (
+                await _count(app, "SELECT COUNT(*) FROM biz WHERE id = ?", (message.id,)) == applied
+            )
+        assert await _count(app, "SELECT COUNT(*) FROM conveyor_inbox") == 3
+
+
 def test_placeholders_outside_literals_only() -> None:
     """``?`` becomes ``$n`` in SQL, never inside literals, identifiers or comments."""
     sql = (

@@ -144,22 +144,22 @@ async def test_crash_between_commit_and_ack_applies_nothing_twice(
 async def test_failure_before_the_bound_commit_rolls_back_the_whole_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the bound path a failure inside the batch transaction (here its third ack)
-    rolls back inbox records and effects of the whole batch; the batch is handed
-    back at once, without waiting for its lease, and each message is delivered
-    again and applied exactly once."""
+    """On the bound path a failure inside the batch transaction (here its ack, after
+    every handler ran) rolls back inbox records and effects of the whole batch; the
+    batch is handed back at once, without waiting for its lease, and each message
+    is delivered again and applied exactly once."""
     clock = FakeClock()
     app = make_app("bound", tmp_path, clock=clock, prefetch=10, lease=30.0)
     calls: list[tuple[int, int]] = []
     real_ack = _Binding.ack
     acks = 0
 
-    async def crashing_ack(self: _Binding, tx: Transaction, delivery: Delivery) -> None:
+    async def crashing_ack(self: _Binding, tx: Transaction, deliveries: Sequence[Delivery]) -> None:
         nonlocal acks
         acks += 1
-        if acks == 3:
+        if acks == 1:
             raise BrokerError("simulated crash before commit")
-        await real_ack(self, tx, delivery)
+        await real_ack(self, tx, deliveries)
 
     monkeypatch.setattr(_Binding, "ack", crashing_ack)
 
@@ -173,11 +173,11 @@ async def test_failure_before_the_bound_commit_rolls_back_the_whole_batch(
         async with app.transaction() as s:
             sent = [await s.publish("work", {"n": n}) for n in range(5)]
         async with running(app):
-            await eventually(lambda: acks == 3, what="batch failed")
+            await eventually(lambda: acks >= 1, what="batch failed")
             # The clock never moves: nothing here waits for the 30 s lease.
             await eventually(lambda: drained(app), what="queue drained")
-        assert calls[:3] == [(0, 1), (1, 1), (2, 1)]
-        assert calls[3:] == [(n, 2) for n in range(5)]
+        assert calls[:5] == [(n, 1) for n in range(5)]
+        assert calls[5:] == [(n, 2) for n in range(5)]
         assert effects(app) == sorted((m.id, 1) for m in sent)
 
 

@@ -180,7 +180,7 @@ class PostgresBroker(PostgresBacked):
         return await self.db.run(self.error, "ack", body)
 
     async def nack(self, delivery: Delivery, *, delay: float) -> None:
-        await self.db.run(self.error, "nack", lambda tx: self._nack(tx, delivery, delay))
+        await self.db.run(self.error, "nack", lambda tx: self._nack(tx, [(delivery, delay)]))
 
     async def wait(self, topic: str, group: str, timeout: float) -> None:
         key = (topic, group)
@@ -224,16 +224,21 @@ class PostgresBroker(PostgresBacked):
 
     async def _publish(self, tx: PostgresTransaction, messages: Sequence[Message]) -> None:
         topics = sorted({m.topic for m in messages})
-        await tx.run(
-            "SELECT pg_advisory_xact_lock_shared(t) FROM unnest($1::bigint[]) AS t ORDER BY t",
-            sorted(lock_id("topic", t) for t in topics),
-        )
+        new = [t for t in topics if t not in tx.topics]
+        if new:
+            await tx.run(
+                "SELECT pg_advisory_xact_lock_shared(t) FROM unnest($1::bigint[]) AS t ORDER BY t",
+                sorted(lock_id("topic", t) for t in new),
+            )
         await self._lock_keys(tx, messages)
-        groups: dict[str, list[str | None]] = {t: [] for t in topics}
-        for topic, group in await tx.rows(
-            "SELECT topic, grp FROM conveyor_subscriptions WHERE topic = ANY($1::text[])", topics
-        ):
-            groups[topic].append(group)
+        if new:
+            found: dict[str, list[str | None]] = {t: [] for t in new}
+            for topic, group in await tx.rows(
+                "SELECT topic, grp FROM conveyor_subscriptions WHERE topic = ANY($1::text[])", new
+            ):
+                found[topic].append(group)
+            tx.topics.update(found)
+        groups = tx.topics
         now = self.clock.time()
         rows = []
         for message in messages:
@@ -261,16 +266,22 @@ class PostgresBroker(PostgresBacked):
         rows = await tx.rows(_CLAIM, topic, group, now, limit, token, now + lease)
         return _deliveries(rows, group, token)
 
-    async def _nack(self, tx: PostgresTransaction, delivery: Delivery, delay: float) -> None:
-        seq, lease = _receipt(delivery)
+    async def _nack(
+        self, tx: PostgresTransaction, retries: Sequence[tuple[Delivery, float]]
+    ) -> None:
+        if not retries:
+            return
+        now = self.clock.time()
+        receipts = [_receipt(d) for d, _ in retries]
         await tx.run(
-            "UPDATE conveyor_queue SET lease = NULL, visible_at = $1 WHERE seq = $2 AND lease = $3",
-            self.clock.time() + max(0.0, delay),
-            seq,
-            lease,
+            "UPDATE conveyor_queue q SET lease = NULL, visible_at = d.visible_at "
+            "FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS d(seq, lease, visible_at) "
+            "WHERE q.seq = d.seq AND q.lease = d.lease",
+            [r[0] for r in receipts],
+            [r[1] for r in receipts],
+            [now + max(0.0, delay) for _, delay in retries],
         )
-        if delay <= 0:
-            tx.notify.add(f"q:{delivery.message.topic}")
+        tx.notify.update(f"q:{d.message.topic}" for d, delay in retries if delay <= 0)
 
 
 def _deliveries(rows: Sequence[Any], group: str, token: str) -> list[Delivery]:
@@ -318,12 +329,15 @@ class _Binding:
         rows = await ptx.rows(_CLAIM_SEQS, seqs, token, now + lease)
         return _deliveries(rows, group, token)
 
-    async def ack(self, tx: Transaction, delivery: Delivery) -> None:
-        seq, _ = _receipt(delivery)
-        await _tx(tx).run("DELETE FROM conveyor_queue WHERE seq = $1", seq)
+    async def ack(self, tx: Transaction, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await _tx(tx).run(
+                "DELETE FROM conveyor_queue WHERE seq = ANY($1::bigint[])",
+                [_receipt(d)[0] for d in deliveries],
+            )
 
-    async def nack(self, tx: Transaction, delivery: Delivery, delay: float) -> None:
-        await self._broker._nack(_tx(tx), delivery, delay)
+    async def nack(self, tx: Transaction, retries: Sequence[tuple[Delivery, float]]) -> None:
+        await self._broker._nack(_tx(tx), retries)
 
     async def publish(self, tx: Transaction, messages: Sequence[Message]) -> None:
         if messages:

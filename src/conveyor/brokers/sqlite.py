@@ -256,12 +256,15 @@ class _Binding:
         fresh = next((i for i, a in enumerate(attempts) if a > 0), len(attempts))
         return self._broker._claim(stx, topic, group, fresh or 1, lease)
 
-    async def ack(self, tx: Transaction, delivery: Delivery) -> None:
-        seq, _ = _receipt(delivery)
-        _tx(tx).run("DELETE FROM conveyor_queue WHERE seq = ?", (seq,))
+    async def ack(self, tx: Transaction, deliveries: Sequence[Delivery]) -> None:
+        _tx(tx).runmany(
+            "DELETE FROM conveyor_queue WHERE seq = ?", [(_receipt(d)[0],) for d in deliveries]
+        )
 
-    async def nack(self, tx: Transaction, delivery: Delivery, delay: float) -> None:
-        self._broker._nack(_tx(tx), delivery, delay)
+    async def nack(self, tx: Transaction, retries: Sequence[tuple[Delivery, float]]) -> None:
+        stx = _tx(tx)
+        for delivery, delay in retries:
+            self._broker._nack(stx, delivery, delay)
 
     async def publish(self, tx: Transaction, messages: Sequence[Message]) -> None:
         self._broker._publish(_tx(tx), messages)

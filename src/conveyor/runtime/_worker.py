@@ -1,15 +1,17 @@
 """The worker loop and the unit of work.
 
-For each delivery: open a store transaction, record the inbox entry (a
-duplicate is acknowledged and skipped), run the middleware chain and the
-handler, commit, then acknowledge. A failure rolls back the handler's writes
-and messages and, in the same transaction, schedules a retry or writes a dead
-letter. When the broker binds to the store (same database), the claim of a
-batch commits first, counting the attempt and taking a lease, so a message
-that kills its worker every time still ends up dead-lettered; then the
-batch's handling, inbox, outbox and acknowledgements share one commit (group
-commit): a crash rolls that work back, the messages come back once the lease
-runs out, and nothing is applied twice.
+For each delivery: open a store transaction, look the message up in the
+inbox (a duplicate is acknowledged and skipped), run the middleware chain and
+the handler in a savepoint, record the inbox entry, commit, then acknowledge.
+A failure rolls back the handler's writes and messages and, in the same
+transaction, schedules a retry or writes a dead letter. Deliveries sharing a
+transaction share its inbox look-up, inbox insert and acknowledgement (one
+statement each). When the broker binds to the store (same database), the
+claim of a batch commits first, counting the attempt and taking a lease, so a
+message that kills its worker every time still ends up dead-lettered; then
+the batch's handling, inbox, outbox and acknowledgements share one commit
+(group commit): a crash rolls that work back, the messages come back once the
+lease runs out, and nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import logging
 import random
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,13 +44,12 @@ log = logging.getLogger("conveyor.worker")
 class _Outcome:
     retry: bool = False
     delay: float = 0.0
+    applied: bool = False
+    """Handled or skipped: the group's inbox records the message id."""
 
 
 _ACK = _Outcome()
-
-
-class _Duplicate(Exception):
-    pass
+_APPLIED = _Outcome(applied=True)
 
 
 class Worker:
@@ -185,20 +186,17 @@ class Worker:
             return 0
         try:
             async with store.transaction() as tx:
-                for delivery in deliveries:
-                    outcome = await self._handle(handler, call, tx, delivery, binding.publish)
-                    if outcome.retry:
-                        await binding.nack(tx, delivery, outcome.delay)
-                    else:
-                        await binding.ack(tx, delivery)
+                outcomes = await self._handle_all(handler, call, tx, deliveries, binding.publish)
+                settled = list(zip(deliveries, outcomes, strict=True))
+                await binding.ack(tx, [d for d, outcome in settled if not outcome.retry])
+                await binding.nack(tx, [(d, o.delay) for d, o in settled if o.retry])
         except BaseException:
             # Rolled back (the grace period ran out, or the commit failed):
             # hand the batch back now rather than when its lease expires.
             # The attempt stays counted. Best effort: a dead worker cannot.
             with contextlib.suppress(Exception):
                 async with store.transaction() as tx:
-                    for delivery in deliveries:
-                        await binding.nack(tx, delivery, 0.0)
+                    await binding.nack(tx, [(d, 0.0) for d in deliveries])
             raise
         self.processed += len(deliveries)
         return len(deliveries)
@@ -232,7 +230,9 @@ class Worker:
                     return
                 try:
                     async with store.transaction() as tx:
-                        outcome = await self._handle(handler, call, tx, delivery, store.outbox_add)
+                        [outcome] = await self._handle_all(
+                            handler, call, tx, [delivery], store.outbox_add
+                        )
                 except BaseException:
                     with contextlib.suppress(Exception):  # hand it back, as above
                         await broker.nack(delivery, delay=0.0)
@@ -262,13 +262,9 @@ class Worker:
         transaction (a savepoint per delivery, as on the bound path) and one
         acknowledgement sent after the commit."""
         broker, store = self.app.broker, self.app.store
-        outcomes: list[_Outcome] = []
         try:
             async with store.transaction() as tx:
-                for delivery in deliveries:
-                    outcomes.append(
-                        await self._handle(handler, call, tx, delivery, store.outbox_add)
-                    )
+                outcomes = await self._handle_all(handler, call, tx, deliveries, store.outbox_add)
         except BaseException:
             with contextlib.suppress(Exception):  # rolled back: hand the batch back now
                 for delivery in deliveries:
@@ -284,6 +280,45 @@ class Worker:
                     await broker.nack(delivery, delay=outcome.delay)
         self.processed += len(deliveries)
 
+    async def _handle_all(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        tx: Transaction,
+        deliveries: Sequence[Delivery],
+        publisher: Publisher,
+    ) -> list[_Outcome]:
+        """Run ``deliveries`` in ``tx``, each in its own savepoint; returns
+        whether to ack or retry each.
+
+        The inbox costs two statements per batch, not one per message: it is
+        read for the whole batch first (a recorded id is a duplicate: acked
+        and skipped), and the ids applied are inserted at the end. If a
+        concurrent transaction committed one of them meanwhile, that insert
+        fails, ``tx`` rolls back and the batch comes back, to be skipped.
+        """
+        store = self.app.store
+        done = await store.inbox_seen(tx, handler.group, [d.message.id for d in deliveries])
+        applied: list[str] = []
+        outcomes: list[_Outcome] = []
+        for delivery in deliveries:
+            message = delivery.message
+            if message.id in done:
+                log.debug(
+                    "duplicate %s skipped",
+                    message.id,
+                    extra={"event": "conveyor.duplicate_skipped", "message_id": message.id},
+                )
+                outcomes.append(_ACK)
+                continue
+            outcome = await self._handle(handler, call, tx, delivery, publisher)
+            if outcome.applied:
+                done.add(message.id)
+                applied.append(message.id)
+            outcomes.append(outcome)
+        await store.inbox_add_many(tx, handler.group, applied)
+        return outcomes
+
     async def _handle(
         self,
         handler: Handler,
@@ -292,12 +327,12 @@ class Worker:
         delivery: Delivery,
         publisher: Publisher,
     ) -> _Outcome:
-        """Run one delivery inside ``tx``; returns whether to ack or retry.
+        """Run one delivery inside ``tx``; returns whether to ack or retry and
+        whether the inbox must record it.
 
         Dead letters are written to ``tx`` here and acknowledged by the caller.
         """
         app = self.app
-        store = app.store
         message = delivery.message
         policy = handler.retry
         if message.attempt > policy.max_attempts:
@@ -314,8 +349,6 @@ class Worker:
         ctx = Context(message, handler.group, tx, publisher, app.codec, app.settings.max_payload)
         try:
             async with tx.savepoint():
-                if not await store.inbox_add(tx, handler.group, message.id):
-                    raise _Duplicate
                 if handler.timeout is None:
                     await call(ctx)
                 else:
@@ -329,17 +362,9 @@ class Worker:
                                 f"{handler.timeout:g}s timeout"
                             ) from exc
                         raise
-            return _ACK
-        except _Duplicate:
-            log.debug(
-                "duplicate %s skipped",
-                message.id,
-                extra={"event": "conveyor.duplicate_skipped", "message_id": message.id},
-            )
-            return _ACK
+            return _APPLIED
         except Skip:
-            await store.inbox_add(tx, handler.group, message.id)
-            return _ACK
+            return _APPLIED
         except DeadLetter as signal:
             await self._dead(tx, handler, message, signal.reason, "DeadLetter", "")
             return _ACK

@@ -75,6 +75,17 @@ class Store(Protocol):
         """Record that ``group`` processed ``message_id``; False if it already had."""
         ...
 
+    async def inbox_seen(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` ``group`` has recorded (committed, or in ``tx``)."""
+        ...
+
+    async def inbox_add_many(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> None:
+        """Record that ``group`` processed ``message_ids`` (one statement). Raises
+        ``StoreError`` if one is already recorded, say by a concurrent
+        transaction that committed the same message first: ``tx`` must then
+        roll back, so nothing is applied twice."""
+        ...
+
     async def outbox_add(self, tx: Transaction, messages: Sequence[Message]) -> None:
         """Queue messages to be published once ``tx`` commits."""
         ...

@@ -103,6 +103,30 @@ class PostgresStore(PostgresBacked):
         )
         return status.endswith(" 1")
 
+    async def inbox_seen(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> set[str]:
+        if not message_ids:
+            return set()
+        # One index probe per id, whatever the table's statistics say: with
+        # "msg_id = ANY($2)" a young inbox (not analyzed yet) gets a plan that
+        # scans every row of the group.
+        rows = await _tx(tx).rows(
+            "SELECT i.msg_id FROM unnest($2::text[]) AS u(id) CROSS JOIN LATERAL "
+            "(SELECT msg_id FROM conveyor_inbox WHERE grp = $1 AND msg_id = u.id LIMIT 1) i",
+            group,
+            list(message_ids),
+        )
+        return {r[0] for r in rows}
+
+    async def inbox_add_many(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await _tx(tx).run(
+                "INSERT INTO conveyor_inbox (grp, msg_id, processed_at) "
+                "SELECT $1, unnest($2::text[]), $3",
+                group,
+                list(message_ids),
+                self.clock.time(),
+            )
+
     async def outbox_add(self, tx: Transaction, messages: Sequence[Message]) -> None:
         if not messages:
             return

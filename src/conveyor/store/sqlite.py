@@ -3,6 +3,7 @@ SQLite broker on the same file, so one commit covers the whole unit of work."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -85,6 +86,32 @@ class SqliteStore(SqliteBacked):
             (group, message_id, self.clock.time()),
         )
         return cur.rowcount == 1
+
+    async def inbox_seen(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> set[str]:
+        stx = _tx(tx)
+        seen: set[str] = set()
+        ids = list(message_ids)
+        for i in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            chunk = ids[i : i + 500]
+            seen.update(
+                r[0]
+                for r in stx.run(
+                    "SELECT msg_id FROM conveyor_inbox WHERE grp = ? "
+                    f"AND msg_id IN ({', '.join('?' * len(chunk))})",
+                    (group, *chunk),
+                )
+            )
+        return seen
+
+    async def inbox_add_many(self, tx: Transaction, group: str, message_ids: Sequence[str]) -> None:
+        now = self.clock.time()
+        try:
+            _tx(tx).runmany(
+                "INSERT INTO conveyor_inbox (grp, msg_id, processed_at) VALUES (?, ?, ?)",
+                [(group, i, now) for i in message_ids],
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"inbox of {group!r}: a message id is already recorded") from exc
 
     async def outbox_add(self, tx: Transaction, messages: Sequence[Message]) -> None:
         stx = _tx(tx)

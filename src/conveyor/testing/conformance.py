@@ -55,7 +55,7 @@ from typing import Protocol, TypeVar, cast
 from conveyor._time import Clock, SystemClock
 from conveyor.brokers._factory import broker_from_url
 from conveyor.brokers._protocol import Broker, Capabilities, Delivery, QueueStats
-from conveyor.errors import MessageError, PayloadTooLarge
+from conveyor.errors import MessageError, PayloadTooLarge, StoreError
 from conveyor.messages import Message
 from conveyor.resilience import RetryPolicy
 from conveyor.runtime import App, Context
@@ -885,7 +885,11 @@ async def _claim_ours(store: Store, topic: str, limit: int = 10_000) -> list[tup
 
 async def check_inbox(make: StoreFactory) -> None:
     """``inbox_add`` is True the first time a group records a message id and
-    False after, in the same or a later transaction; groups are independent."""
+    False after, in the same or a later transaction; groups are independent.
+    ``inbox_seen`` reports the recorded ids among those asked, committed or
+    in the transaction; ``inbox_add_many`` records ids, and raises
+    ``StoreError`` for an id already recorded (the transaction then rolls
+    back, leaving none of its ids recorded)."""
     async with _rig(make) as rig:
         store = await rig.store()
         _, group = _names()
@@ -899,6 +903,28 @@ async def check_inbox(make: StoreFactory) -> None:
         async with store.transaction() as tx:
             assert await store.inbox_add(tx, group, message_id) is False, "later transaction"
             assert await store.inbox_add(tx, group, str(uuid.uuid4())) is True
+        batch = [str(uuid.uuid4()) for _ in range(3)]
+        async with store.transaction() as tx:
+            assert await store.inbox_seen(tx, group, []) == set()
+            assert await store.inbox_seen(tx, group, [*batch, message_id]) == {message_id}
+            await store.inbox_add_many(tx, group, batch[:2])
+            await store.inbox_add_many(tx, group, [])
+            assert await store.inbox_seen(tx, group, batch) == set(batch[:2]), "same transaction"
+            assert await store.inbox_seen(tx, f"{group}-other", batch) == set(), "other group"
+        async with store.transaction() as tx:
+            assert await store.inbox_seen(tx, group, batch) == set(batch[:2]), "committed"
+            assert await store.inbox_add(tx, group, batch[0]) is False, "recorded by add_many"
+        try:
+            async with store.transaction() as tx:
+                await store.inbox_add_many(tx, group, [batch[2], batch[1]])
+        except StoreError:
+            pass
+        else:
+            raise AssertionError("inbox_add_many recorded an id a second time")
+        async with store.transaction() as tx:
+            assert await store.inbox_seen(tx, group, batch) == set(batch[:2]), (
+                "a failed inbox_add_many left a record"
+            )
 
 
 async def check_rollback(make: StoreFactory) -> None:
@@ -964,9 +990,24 @@ async def check_savepoint(make: StoreFactory) -> None:
                         pass
                 await tx.execute(insert, ("after", 5))
                 await store.outbox_add(tx, [after])
+                try:  # a scope after one that succeeded undoes only its own writes
+                    async with tx.savepoint():
+                        await tx.execute(insert, ("late", 6))
+                        raise _Rollback
+                except _Rollback:
+                    pass
+                try:  # a scope that ran nothing
+                    async with tx.savepoint():
+                        raise _Rollback
+                except _Rollback:
+                    pass
+                async with tx.savepoint():
+                    pass
+                async with tx.savepoint():
+                    await tx.execute(insert, ("last", 7))
             async with store.transaction() as tx:
                 rows = await tx.fetchall(f"SELECT k FROM {table} ORDER BY v")
-                assert [r[0] for r in rows] == ["before", "kept", "after"], (
+                assert [r[0] for r in rows] == ["before", "kept", "after", "last"], (
                     f"rows after savepoints: {rows}"
                 )
                 assert await store.inbox_add(tx, group, inside.id), "rolled-back inbox record kept"
