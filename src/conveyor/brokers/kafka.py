@@ -44,8 +44,11 @@ contract on top of committed offsets:
   kept for it; a later group starts at the end of the log.
 - ``priority`` travels with the message but orders nothing; per-key order
   holds in a partition but not across a retry (a nacked message goes to the
-  retry log while the key's next message proceeds). Dead letters are the
-  store's (the runtime writes them), so there is no dead-letter topic.
+  retry log while the key's next message proceeds).
+- Dead letters are the store's (the runtime writes them, with traceback and
+  replay); a copy also goes to the group's dead-letter topic
+  ``NAME.__dead.group.topic`` (``DeadLetterSink``): the message with its
+  envelope and the headers ``reason`` and ``error_type``, at least once.
 - Time for leases and delays is the injected clock's; all consumers of a
   group must agree on it (they do when their hosts are NTP-synchronised).
 
@@ -611,6 +614,11 @@ class KafkaBroker:
         self._check("topic", topic)
         return f"{self.config.namespace}.__retry.{group}.{topic}"
 
+    def _dead(self, topic: str, group: str) -> str:
+        self._check("group", group)
+        self._check("topic", topic)
+        return f"{self.config.namespace}.__dead.{group}.{topic}"
+
     @property
     def _registry_topic(self) -> str:
         return f"{self.config.namespace}.__groups"
@@ -981,6 +989,29 @@ class KafkaBroker:
         record.done = True
         record.lease = None
         await self._commit(queue, {record.tp})
+
+    async def dead_letter(self, delivery: Delivery, *, reason: str, error_type: str) -> None:
+        """Copy a dead-lettered delivery to ``NAME.__dead.group.topic`` (keyed
+        as the original, ``acks=all``); the store keeps the dead letter itself."""
+        message = delivery.message
+        name = self._dead(message.topic, delivery.group)
+        n = await self._ensure_topic(name)
+        headers = [
+            *_encode(message, attempt=message.attempt, due=None),
+            ("reason", reason.encode()),
+            ("error_type", error_type.encode()),
+        ]
+        await self._send(
+            [
+                (
+                    name,
+                    self._partition(message.key, n),
+                    None if message.key is None else message.key.encode(),
+                    message.payload,
+                    headers,
+                )
+            ]
+        )
 
     async def wait(self, topic: str, group: str, timeout: float) -> None:
         queue = await self._queue(topic, group)

