@@ -27,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pydantic
 
-from conveyor import App, ConfigError, Context, RetryPolicy, Session, Settings
+from conveyor import App, CircuitBreaker, ConfigError, Context, RetryPolicy, Session, Settings
 
 __all__ = [
     "CANCELLED",
@@ -40,6 +40,8 @@ __all__ = [
     "Faults",
     "INVARIANTS",
     "OrderEvent",
+    "PaymentOutage",
+    "PaymentUnavailable",
     "SERVICES",
     "STATES",
     "TERMINAL",
@@ -151,6 +153,26 @@ class Faults:
         return cls(error_rate=0.0, decline_rate=0.0, ship_failure_rate=0.0, duplicate_rate=0.0)
 
 
+class PaymentUnavailable(TransientFault):
+    """The payment provider does not answer (an injected outage)."""
+
+
+class PaymentOutage:
+    """A switch for a whole-provider outage, flipped at run time: while
+    ``down`` every call to the payment provider fails. ``calls`` counts the
+    calls the payment service made to the provider (charges and refunds)."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    def call(self) -> None:
+        """One call to the provider; raises ``PaymentUnavailable`` while down."""
+        self.calls += 1
+        if self.down:
+            raise PaymentUnavailable("payment provider unavailable (injected outage)")
+
+
 class OrderEvent(pydantic.BaseModel):
     """The body of every order-system event; ``amount`` is in cents."""
 
@@ -220,9 +242,14 @@ def create_app(
     services: Iterable[str] = SERVICES,
     retry: RetryPolicy = DEMO_RETRY,
     seed: int | None = None,
+    outage: PaymentOutage | None = None,
+    payment_breakers: Sequence[CircuitBreaker] = (),
 ) -> App:
     """An ``App`` with the handlers of ``services`` (default: all four), each
-    service its own consumer group. ``seed`` makes the fault dice repeatable."""
+    service its own consumer group. ``seed`` makes the fault dice repeatable.
+    ``outage`` is a switch the caller flips to take the payment provider down;
+    ``payment_breakers`` guard the payment handlers (their consumers pause
+    while one is open)."""
     chosen = set(services)
     unknown = chosen - set(SERVICES)
     if unknown:
@@ -338,9 +365,11 @@ def create_app(
 
     if "payment" in chosen:
 
-        @app.handler("inventory.reserved", group="payment", retry=retry)
+        @app.handler("inventory.reserved", group="payment", retry=retry, breakers=payment_breakers)
         async def charge(ctx: Context, event: OrderEvent) -> None:
             await before()
+            if outage is not None:
+                outage.call()
             declined = chance(faults.decline_rate)
             # The transaction id makes the charge idempotent: a duplicate
             # request, whatever its message id, finds the row and stops.
@@ -363,9 +392,11 @@ def create_app(
                     await emit(ctx, "payment.charged", event)
             after(ctx)
 
-        @app.handler("shipping.failed", group="payment", retry=retry)
+        @app.handler("shipping.failed", group="payment", retry=retry, breakers=payment_breakers)
         async def refund(ctx: Context, event: OrderEvent) -> None:
             await before()
+            if outage is not None:
+                outage.call()
             charged = await ctx.fetchone(
                 "SELECT amount FROM payments WHERE txn_id = ? AND status = 'OK'",
                 (f"charge:{event.order_id}",),

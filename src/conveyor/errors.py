@@ -10,7 +10,13 @@ are translated at the boundary (``raise BrokerError(...) from exc``)::
     │   └── DecodeError        payload does not match the handler's type
     ├── BrokerError            the broker failed or refused an operation
     ├── StoreError             the store failed or refused an operation
-    └── HandlerTimeout         a handler ran past its timeout (retryable)
+    ├── HandlerTimeout         a handler ran past its timeout (retryable)
+    └── ResilienceError        a resilience primitive refused or cut a call
+        ├── CircuitOpen        a circuit breaker is open (.retry_after)
+        ├── BulkheadFull       every concurrent and waiting slot is taken
+        ├── RateLimited        no permit within the deadline (.retry_after)
+        ├── CallTimeout        a call ran past its timeout (also a TimeoutError)
+        └── Overloaded         publish refused: the queue is too deep (.retry_after)
 
     PermanentError             raise from a handler: dead-letter, do not retry
 
@@ -28,6 +34,9 @@ from datetime import timedelta
 
 __all__ = [
     "BrokerError",
+    "BulkheadFull",
+    "CallTimeout",
+    "CircuitOpen",
     "ConfigError",
     "ConveyorError",
     "DeadLetter",
@@ -35,8 +44,11 @@ __all__ = [
     "HandlerSignal",
     "HandlerTimeout",
     "MessageError",
+    "Overloaded",
     "PayloadTooLarge",
     "PermanentError",
+    "RateLimited",
+    "ResilienceError",
     "Retry",
     "Skip",
     "StoreError",
@@ -81,6 +93,46 @@ class StoreError(ConveyorError):
 
 class HandlerTimeout(ConveyorError):
     """A handler ran longer than its timeout; retried like any transient failure."""
+
+
+class ResilienceError(ConveyorError):
+    """A resilience primitive (bulkhead, rate limiter, timeout, load shedding)
+    refused or cut a call."""
+
+
+class BulkheadFull(ResilienceError):
+    """Every concurrent slot and every waiting slot of a bulkhead is taken."""
+
+
+class RateLimited(ResilienceError):
+    """No permit could be had within the deadline; try again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(ResilienceError):
+    """A circuit breaker refused the call without making it; a probe is allowed
+    in ``retry_after`` seconds (0 when the half-open probes are all taken)."""
+
+    def __init__(self, message: str, *, breaker: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.breaker = breaker
+        self.retry_after = retry_after
+
+
+class CallTimeout(ResilienceError, TimeoutError):
+    """A call ran longer than its timeout and was cancelled."""
+
+
+class Overloaded(ResilienceError):
+    """``publish`` refused: the topic's queue is deeper than the shedding
+    threshold; try again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentError(Exception):

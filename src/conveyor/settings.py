@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     grace_period: float = pydantic.Field(default=30.0, ge=0)
     idle_poll: float = pydantic.Field(default=0.5, gt=0, le=60)
     inbox_retention: float = pydantic.Field(default=7 * 24 * 3600.0, gt=0)
+    shed_above: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        description="App.publish raises Overloaded while a topic's backlog is deeper",
+    )
     log_level: str = "INFO"
 
     @property

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Unpack
 
@@ -12,7 +12,15 @@ from conveyor.brokers._factory import broker_from_url
 from conveyor.brokers._protocol import Broker, TransactionalBroker
 from conveyor.errors import ConfigError
 from conveyor.messages import JSON, Codec, Message
-from conveyor.resilience import RetryPolicy
+from conveyor.resilience import (
+    Bulkhead,
+    Limiter,
+    LoadShedder,
+    RateLimiter,
+    RetryBudget,
+    RetryPolicy,
+)
+from conveyor.resilience._breaker import CircuitBreaker
 from conveyor.runtime._context import (
     Middleware,
     Publisher,
@@ -57,6 +65,7 @@ class App:
         self._broker = broker
         self._store = store
         self._connected = False
+        self._shedder: LoadShedder | None = None
 
     @property
     def broker(self) -> Broker:
@@ -79,11 +88,23 @@ class App:
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        breakers: Sequence[CircuitBreaker] = (),
+        rate_limit: Limiter | str | None = None,
+        rate_limit_key: Callable[[Message], Hashable] | None = None,
+        bulkhead: Bulkhead | None = None,
+        retry_budget: RetryBudget | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``async def f(ctx, body: Model)`` for ``topic`` in ``group``
         (default: the function's name). ``body`` is decoded from the payload
         by its annotation (a pydantic model, ``dict``, ``bytes``...); a payload
-        that does not decode is dead-lettered at once with the reason."""
+        that does not decode is dead-lettered at once with the reason.
+
+        ``rate_limit`` (a limiter or ``"10/s"``, per ``rate_limit_key(message)``)
+        is waited for before each message, without spending an attempt;
+        ``bulkhead`` guards each handler call; ``retry_budget`` caps retries
+        (see docs/resilience.md). While any of ``breakers`` is open this
+        consumer stops fetching; while one is half-open it fetches one message
+        at a time, as the probe."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if prefetch is not None and prefetch < 1:
@@ -105,6 +126,15 @@ class App:
                     prefetch=prefetch,
                     retry=retry or RetryPolicy(),
                     timeout=None if timeout is None else seconds(timeout),
+                    breakers=tuple(breakers),
+                    rate_limit=(
+                        RateLimiter.parse(rate_limit, clock=self.clock)
+                        if isinstance(rate_limit, str)
+                        else rate_limit
+                    ),
+                    rate_limit_key=rate_limit_key,
+                    bulkhead=bulkhead,
+                    retry_budget=retry_budget,
                 )
             )
             return func
@@ -155,8 +185,25 @@ class App:
             topic, body, codec=self.codec, max_payload=self.settings.max_payload, **options
         )
         await self.connect()
+        if self.settings.shed_above is not None:
+            await self._shed(topic, self.settings.shed_above)
         await self.broker.publish([message])
         return message
+
+    async def _shed(self, topic: str, threshold: int) -> None:
+        """Refuse with ``Overloaded`` while any group's backlog on ``topic``
+        (ready + delayed) is over ``threshold``; depth is cached for 1s."""
+        if self._shedder is None:
+            broker = self.broker
+
+            async def depth(topic: str) -> int:
+                return max(
+                    (q.ready + q.delayed for q in await broker.stats() if q.topic == topic),
+                    default=0,
+                )
+
+            self._shedder = LoadShedder(threshold, depth, clock=self.clock)
+        await self._shedder.check(topic)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:

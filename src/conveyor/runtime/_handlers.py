@@ -2,14 +2,15 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from conveyor.errors import ConfigError
-from conveyor.messages import Codec
-from conveyor.resilience import RetryPolicy
+from conveyor.messages import Codec, Message
+from conveyor.resilience import Bulkhead, Limiter, RetryBudget, RetryPolicy
+from conveyor.resilience._breaker import CircuitBreaker, through
 from conveyor.runtime._context import Context, Middleware
 
 __all__ = ["Handler", "HandlerFunc"]
@@ -29,6 +30,11 @@ class Handler:
     prefetch: int | None
     retry: RetryPolicy
     timeout: float | None
+    breakers: tuple[CircuitBreaker, ...] = ()
+    rate_limit: Limiter | None = None
+    rate_limit_key: Callable[[Message], Hashable] | None = None
+    bulkhead: Bulkhead | None = None
+    retry_budget: RetryBudget | None = None
 
     @staticmethod
     def inspect_body(func: HandlerFunc) -> type[Any] | None:
@@ -67,18 +73,28 @@ class Handler:
     ) -> Callable[[Context], Awaitable[None]]:
         """Compose middleware (first = outermost) around decode + handler."""
 
+        # Decoding stays outside the breakers: a bad payload says nothing of a dependency.
+        func = through(self.breakers, self.func)
+
         async def call(ctx: Context) -> None:
             if self.body_type is None:
-                await self.func(ctx)
+                await func(ctx)
             else:
-                await self.func(ctx, ctx.message.decode(self.body_type, codec))
+                await func(ctx, ctx.message.decode(self.body_type, codec))
+
+        bulkhead = self.bulkhead
+
+        async def guarded(ctx: Context) -> None:
+            assert bulkhead is not None
+            async with bulkhead:
+                await call(ctx)
 
         async def link(
             mw: Middleware, inner: Callable[[Context], Awaitable[None]], ctx: Context
         ) -> None:
             await mw(ctx, partial(inner, ctx))
 
-        chain: Callable[[Context], Awaitable[None]] = call
+        chain: Callable[[Context], Awaitable[None]] = call if bulkhead is None else guarded
         for mw in reversed(middleware):
             chain = partial(link, mw, chain)
         return chain

@@ -25,9 +25,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from conveyor.brokers._protocol import BrokerBinding, Delivery, TransactionalBroker
+from conveyor._time import seconds
+from conveyor.brokers._protocol import (
+    BrokerBinding,
+    DeadLetterSink,
+    Delivery,
+    TransactionalBroker,
+)
 from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
 from conveyor.messages import Message
+from conveyor.resilience._breaker import admit
 from conveyor.runtime._context import Context, Publisher
 from conveyor.runtime._handlers import Handler
 from conveyor.store._protocol import Transaction
@@ -46,6 +53,8 @@ class _Outcome:
     delay: float = 0.0
     applied: bool = False
     """Handled or skipped: the group's inbox records the message id."""
+    dead: tuple[str, str] | None = None
+    """Dead-lettered in the store: (reason, error_type), for a ``DeadLetterSink``."""
 
 
 _ACK = _Outcome()
@@ -130,15 +139,24 @@ class Worker:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        prefetch = handler.prefetch or self.app.settings.prefetch
+        default = self.app.settings.prefetch
+        if handler.rate_limit is not None:
+            # Fetch only what can start at once (the bound path runs a batch
+            # in one transaction): no batch sits leased waiting for permits,
+            # nor runs as a burst after its last permit.
+            default = handler.concurrency if binding is None else 1
+        prefetch = handler.prefetch or default
         failures = 0
         while not self.stopping:
+            # Paused, outside _busy so stop() cancels the wait, while a breaker
+            # is open: the messages stay in the broker and keep their attempts.
+            size = await admit(handler.breakers, prefetch) if handler.breakers else prefetch
             self._busy.add(task)
             try:
                 if binding is not None:
-                    count = await self._bound_batch(handler, call, binding, prefetch)
+                    count = await self._bound_batch(handler, call, binding, size)
                 else:
-                    count = await self._batch(handler, call, prefetch)
+                    count = await self._batch(handler, call, size)
                 failures = 0
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
@@ -185,6 +203,7 @@ class Worker:
         if not deliveries:
             return 0
         try:
+            await self._await_permits(handler, deliveries)
             async with store.transaction() as tx:
                 outcomes = await self._handle_all(handler, call, tx, deliveries, binding.publish)
                 settled = list(zip(deliveries, outcomes, strict=True))
@@ -198,6 +217,7 @@ class Worker:
                 async with store.transaction() as tx:
                     await binding.nack(tx, [(d, 0.0) for d in deliveries])
             raise
+        await self._sink_dead(settled)
         self.processed += len(deliveries)
         return len(deliveries)
 
@@ -213,6 +233,13 @@ class Worker:
         if not deliveries:
             return 0
         if handler.concurrency == 1:
+            try:
+                await self._await_permits(handler, deliveries)
+            except BaseException:
+                with contextlib.suppress(Exception):  # hand the batch back now
+                    for delivery in deliveries:
+                        await broker.nack(delivery, delay=0.0)
+                raise
             # A redelivered message may be one that kills its worker: it is
             # committed and acknowledged alone, after the others, so that it
             # cannot take their attempts with it again.
@@ -229,6 +256,7 @@ class Worker:
                     await broker.nack(delivery, delay=0.0)
                     return
                 try:
+                    await self._await_permits(handler, [delivery])
                     async with store.transaction() as tx:
                         [outcome] = await self._handle_all(
                             handler, call, tx, [delivery], store.outbox_add
@@ -237,6 +265,7 @@ class Worker:
                     with contextlib.suppress(Exception):  # hand it back, as above
                         await broker.nack(delivery, delay=0.0)
                     raise
+                await self._sink_dead([(delivery, outcome)])
                 if outcome.retry:
                     await broker.nack(delivery, delay=outcome.delay)
                 else:
@@ -251,6 +280,22 @@ class Worker:
             if isinstance(result, BaseException):
                 raise result
         return len(deliveries)
+
+    async def _await_permits(self, handler: Handler, deliveries: Sequence[Delivery]) -> None:
+        """Wait for the handler's rate limiter, one permit per message, before
+        any transaction opens: waiting holds no lock and spends no attempt."""
+        limiter, key_of = handler.rate_limit, handler.rate_limit_key
+        if limiter is None:
+            return
+        for delivery in deliveries:
+            await limiter.acquire(key=None if key_of is None else key_of(delivery.message))
+
+    def _backoff(self, handler: Handler, message: Message) -> float:
+        """The policy's backoff, or its ``max_delay`` once the retry budget is spent."""
+        budget = handler.retry_budget
+        if budget is not None and not budget.try_retry():
+            return seconds(handler.retry.max_delay)
+        return handler.retry.backoff(message.attempt, self._rng)
 
     async def _grouped(
         self,
@@ -271,6 +316,7 @@ class Worker:
                     await broker.nack(delivery, delay=0.0)
             raise
         settled = list(zip(deliveries, outcomes, strict=True))
+        await self._sink_dead(settled)
         try:
             # A lost ack only means a redelivery, which the inbox skips.
             await broker.ack([d for d, outcome in settled if not outcome.retry])
@@ -336,7 +382,7 @@ class Worker:
         message = delivery.message
         policy = handler.retry
         if message.attempt > policy.max_attempts:
-            await self._dead(
+            return await self._dead(
                 tx,
                 handler,
                 message,
@@ -345,7 +391,8 @@ class Worker:
                 "Undeliverable",
                 "",
             )
-            return _ACK
+        if handler.retry_budget is not None and message.attempt == 1:
+            handler.retry_budget.record_attempt()
         ctx = Context(message, handler.group, tx, publisher, app.codec, app.settings.max_payload)
         try:
             async with tx.savepoint():
@@ -366,18 +413,15 @@ class Worker:
         except Skip:
             return _APPLIED
         except DeadLetter as signal:
-            await self._dead(tx, handler, message, signal.reason, "DeadLetter", "")
-            return _ACK
+            return await self._dead(tx, handler, message, signal.reason, "DeadLetter", "")
         except Retry as signal:
             if message.attempt < policy.max_attempts:
                 delay = (
-                    signal.delay
-                    if signal.delay is not None
-                    else policy.backoff(message.attempt, self._rng)
+                    signal.delay if signal.delay is not None else self._backoff(handler, message)
                 )
                 self._log_retry(handler, message, delay, signal.reason or "Retry requested")
                 return _Outcome(retry=True, delay=delay)
-            await self._dead(
+            return await self._dead(
                 tx,
                 handler,
                 message,
@@ -385,10 +429,9 @@ class Worker:
                 "Retry",
                 "",
             )
-            return _ACK
         except Exception as exc:
             if policy.should_retry(exc, message.attempt):
-                delay = policy.backoff(message.attempt, self._rng)
+                delay = self._backoff(handler, message)
                 self._log_retry(handler, message, delay, f"{type(exc).__name__}: {exc}")
                 return _Outcome(retry=True, delay=delay)
             why = (
@@ -396,7 +439,7 @@ class Worker:
                 if not policy.is_retryable(exc)
                 else f"gave up after {message.attempt} attempt(s)"
             )
-            await self._dead(
+            return await self._dead(
                 tx,
                 handler,
                 message,
@@ -404,7 +447,6 @@ class Worker:
                 _qualname(type(exc)),
                 "".join(traceback.format_exception(exc)),
             )
-            return _ACK
 
     def _log_retry(self, handler: Handler, message: Message, delay: float, why: str) -> None:
         log.info(
@@ -430,7 +472,7 @@ class Worker:
         reason: str,
         error_type: str,
         tb: str,
-    ) -> None:
+    ) -> _Outcome:
         await self.app.store.dead_letter(
             tx,
             group=handler.group,
@@ -451,6 +493,32 @@ class Worker:
                 "group": handler.group,
             },
         )
+        return _Outcome(dead=(reason, error_type))
+
+    async def _sink_dead(self, settled: Sequence[tuple[Delivery, _Outcome]]) -> None:
+        """Hand committed dead letters to a broker that keeps its own (Kafka's
+        dead-letter topic). A failure loses nothing, the store has them."""
+        broker = self.app.broker
+        if not isinstance(broker, DeadLetterSink):
+            return
+        for delivery, outcome in settled:
+            if outcome.dead is None:
+                continue
+            reason, error_type = outcome.dead
+            try:
+                await broker.dead_letter(delivery, reason=reason, error_type=error_type)
+            except Exception as exc:
+                log.warning(
+                    "broker dead-letter copy of %s failed: %r",
+                    delivery.message.id,
+                    exc,
+                    extra={
+                        "event": "conveyor.dead_letter_sink_failed",
+                        "message_id": delivery.message.id,
+                        "correlation_id": delivery.message.correlation_id,
+                        "group": delivery.group,
+                    },
+                )
 
     async def _relay(self) -> None:
         """Publish committed outbox rows (only when the broker is not the store)."""
