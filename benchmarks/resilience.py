@@ -22,7 +22,15 @@ import tenacity
 from rich.console import Console
 from rich.table import Table
 
-from conveyor.resilience import Bulkhead, RateLimiter, RetryPolicy, retry
+from conveyor.resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CountWindow,
+    RateLimiter,
+    RetryPolicy,
+    TimeWindow,
+    retry,
+)
 
 Row = tuple[str, str, Callable[[int], Awaitable[float]]]
 
@@ -88,9 +96,9 @@ def retry_rows() -> list[Row]:
 
 
 def circuit_breaker_rows() -> list[Row]:
-    """CIRCUIT BREAKER ROWS (owned by the circuit-breaker work): Conveyor's
-    ``CircuitBreaker`` (when it exists) against pybreaker. pybreaker is
-    synchronous, so its row is ``breaker.call(sync_noop)``; its
+    """Conveyor's ``CircuitBreaker`` (closed, both windows, as a context
+    manager and as a decorator) against pybreaker. pybreaker is synchronous,
+    so its row is ``breaker.call(sync_noop)`` inside the async step; its
     ``call_async`` needs tornado and is measured only when tornado imports."""
     rows: list[Row] = []
     peer = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
@@ -109,12 +117,15 @@ def circuit_breaker_rows() -> list[Row]:
             await peer.call_async(noop)
 
         rows.append(("circuit breaker", "pybreaker .call_async", timed(pybreaker_async_step)))
-    resilience = importlib.import_module("conveyor.resilience")
-    breaker_cls = getattr(resilience, "CircuitBreaker", None)
-    if breaker_cls is not None:
+    for label, window in (("CountWindow", CountWindow(100)), ("TimeWindow", TimeWindow(60))):
         rows.append(
-            ("circuit breaker", "conveyor CircuitBreaker", guarded(lambda: breaker_cls("bench")))
+            (
+                "circuit breaker",
+                f"conveyor async with ({label})",
+                guarded(lambda window=window: CircuitBreaker("bench", window=window)),
+            )
         )
+    rows.append(("circuit breaker", "conveyor @breaker", timed(CircuitBreaker("bench")(noop))))
     return rows
 
 
