@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import random
 import re
 import struct
@@ -34,15 +33,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
 from conveyor.errors import ConfigError, ConveyorError, StoreError
-from conveyor.messages import Message
 
 __all__ = [
     "MESSAGE_COLUMNS",
@@ -59,7 +57,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-MESSAGE_COLUMNS = "msg_id, topic, type, key, priority, headers, payload, created_at"
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
@@ -229,34 +226,6 @@ def lock_id(*parts: str) -> int:
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
     value: int = struct.unpack(">q", digest)[0]
     return value
-
-
-def message_params(message: Message) -> tuple[object, ...]:
-    headers = json.dumps(dict(message.headers), separators=(",", ":"))
-    return (
-        message.id,
-        message.topic,
-        message.type,
-        message.key,
-        message.priority,
-        headers,
-        message.payload,
-        message.created_at,
-    )
-
-
-def message_from_row(row: Sequence[Any], attempt: int = 0) -> Message:
-    return Message(
-        id=row[0],
-        topic=row[1],
-        type=row[2],
-        key=row[3],
-        priority=row[4],
-        headers=MappingProxyType(json.loads(row[5])),
-        payload=bytes(row[6]),
-        created_at=row[7],
-        attempt=attempt,
-    )
 
 
 def _rowcount(status: str) -> int:

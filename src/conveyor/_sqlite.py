@@ -13,22 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import random
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
 from conveyor.errors import ConfigError, ConveyorError, StoreError
-from conveyor.messages import Message
 
 __all__ = [
+    "MESSAGE_COLUMNS",
     "Database",
     "SqliteBacked",
     "SqliteTransaction",
@@ -41,37 +40,6 @@ _databases: dict[str, Database] = {}
 _current: contextvars.ContextVar[SqliteTransaction | None] = contextvars.ContextVar(
     "conveyor_sqlite_tx", default=None
 )
-
-# Columns of a message row, shared by the queue, outbox and dead-letter tables.
-MESSAGE_COLUMNS = "msg_id, topic, type, key, priority, headers, payload, created_at"
-
-
-def message_params(message: Message) -> tuple[object, ...]:
-    headers = json.dumps(dict(message.headers), separators=(",", ":"))
-    return (
-        message.id,
-        message.topic,
-        message.type,
-        message.key,
-        message.priority,
-        headers,
-        message.payload,
-        message.created_at,
-    )
-
-
-def message_from_row(row: Sequence[Any], attempt: int = 0) -> Message:
-    return Message(
-        id=row[0],
-        topic=row[1],
-        type=row[2],
-        key=row[3],
-        priority=row[4],
-        headers=MappingProxyType(json.loads(row[5])),
-        payload=bytes(row[6]),
-        created_at=row[7],
-        attempt=attempt,
-    )
 
 
 def parse_url(url: str) -> tuple[str, str]:
