@@ -11,6 +11,8 @@ are translated at the boundary (``raise BrokerError(...) from exc``)::
     ├── BrokerError            the broker failed or refused an operation
     ├── StoreError             the store failed or refused an operation
     ├── HandlerTimeout         a handler ran past its timeout (retryable)
+    ├── SagaError              a saga definition, instance or reply is invalid
+    │   └── SagaConflict       two updates of one saga raced (retryable)
     └── ResilienceError        a resilience primitive refused or cut a call
         ├── CircuitOpen        a circuit breaker is open (.retry_after)
         ├── BulkheadFull       every concurrent and waiting slot is taken
@@ -25,7 +27,9 @@ Handler signals are not errors and are never logged as failures::
     HandlerSignal
     ├── Retry(delay=None)      redeliver later (counts as an attempt)
     ├── DeadLetter(reason)     dead-letter now, with a reason
-    └── Skip(reason)           acknowledge without applying any effect
+    ├── Skip(reason)           acknowledge without applying any effect
+    └── StepFailed(reason)     a saga participant refuses a step: nothing was
+                               done, the saga compensates
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ __all__ = [
     "RateLimited",
     "ResilienceError",
     "Retry",
+    "SagaConflict",
+    "SagaError",
     "Skip",
+    "StepFailed",
     "StoreError",
 ]
 
@@ -93,6 +100,14 @@ class StoreError(ConveyorError):
 
 class HandlerTimeout(ConveyorError):
     """A handler ran longer than its timeout; retried like any transient failure."""
+
+
+class SagaError(ConveyorError):
+    """A saga definition, instance or reply is invalid."""
+
+
+class SagaConflict(SagaError):
+    """Another transaction changed the saga first; the message is retried."""
 
 
 class ResilienceError(ConveyorError):
@@ -173,5 +188,15 @@ class Skip(HandlerSignal):
     """Acknowledge this message without applying the handler's effects."""
 
     def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StepFailed(HandlerSignal):
+    """Raise from a saga participant to refuse a step (out of stock, card
+    declined). The participant's writes roll back, a failure reply goes to
+    the orchestrator and the saga compensates the steps before this one."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Unpack
 
@@ -66,6 +66,7 @@ class App:
         self._store = store
         self._connected = False
         self._shedder: LoadShedder | None = None
+        self._on_connect: list[Callable[[App], Awaitable[None]]] = []
 
     @property
     def broker(self) -> Broker:
@@ -146,12 +147,23 @@ class App:
         self.middleware.append(middleware)
         return middleware
 
+    def on_connect(
+        self, hook: Callable[[App], Awaitable[None]]
+    ) -> Callable[[App], Awaitable[None]]:
+        """Run ``await hook(app)`` each time the app connects, after the store
+        is open (create tables here); hooks must be idempotent."""
+        self._on_connect.append(hook)
+        return hook
+
     async def connect(self) -> None:
-        """Connect broker and store and declare every handler's subscription."""
+        """Connect broker and store, run the ``on_connect`` hooks and declare
+        every handler's subscription."""
         if self._connected:
             return
         await self.broker.connect()
         await self.store.connect()
+        for hook in self._on_connect:
+            await hook(self)
         for h in self.handlers:
             await self.broker.declare(h.topic, h.group)
         self._connected = True

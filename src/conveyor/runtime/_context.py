@@ -68,6 +68,11 @@ class Session:
         await self._publisher(self.tx, [message])
         return message
 
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Send ready-made messages when (and only if) this transaction
+        commits; they go out exactly as built (no headers are added)."""
+        await self._publisher(self.tx, messages)
+
 
 class Context(Session):
     """What a handler gets: the message, its group, the transaction, a logger.

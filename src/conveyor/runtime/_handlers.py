@@ -37,7 +37,7 @@ class Handler:
     retry_budget: RetryBudget | None = None
 
     @staticmethod
-    def inspect_body(func: HandlerFunc) -> type[Any] | None:
+    def inspect_body(func: Callable[..., Awaitable[object]]) -> type[Any] | None:
         if not inspect.iscoroutinefunction(func):
             raise ConfigError(f"handler {func.__qualname__} must be an async function")
         params = list(inspect.signature(func).parameters.values())
