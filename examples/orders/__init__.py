@@ -1,5 +1,5 @@
 """The reference order system: order, inventory, payment and shipping services
-choreographed by events, with fault injection and invariant checks."""
+driven by an orchestrated saga, with fault injection and invariant checks."""
 
 from examples.orders.services import (
     INVARIANTS,

@@ -1,8 +1,8 @@
 """Run the order system in one process with injected faults, then prove it.
 
 ``run_demo`` creates the schema, stocks the shelves, places orders (each one
-a producer transaction: the CREATED row plus ``orders.placed`` through the
-outbox), runs a worker with every service until all orders are terminal and
+a producer transaction: the CREATED row plus the order saga's first command
+through the outbox), runs a worker with every service until all orders are terminal and
 every queue is drained, stops it gracefully and checks the invariants.
 ``conveyor demo`` is its command line.
 """
@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor import App, ConfigError, Worker
+from conveyor.sagas import STATES as SAGA_STATES
 from conveyor.settings import load_settings
 from examples.orders.services import (
     CANCELLED,
@@ -87,6 +88,7 @@ class DemoReport:
 class _Progress:
     counts: dict[str, int]
     reasons: dict[str, int]
+    sagas: dict[str, int]
     queued: int
     dead: int
 
@@ -108,11 +110,16 @@ async def _progress(app: App) -> _Progress:
                 (CANCELLED,),
             )
         }
+        sagas = dict.fromkeys(SAGA_STATES, 0)
+        for state, n in await s.fetchall(
+            "SELECT state, COUNT(*) FROM conveyor_sagas GROUP BY state"
+        ):
+            sagas[str(state)] = int(n)
         queued = sum(q.ready + q.in_flight + q.delayed for q in await app.broker.stats())
         outbox = await s.fetchone("SELECT COUNT(*) FROM conveyor_outbox")
         queued += int(outbox[0]) if outbox else 0
         dead = sum((await app.store.dead_letter_counts()).values())
-    return _Progress(counts, reasons, queued, dead)
+    return _Progress(counts, reasons, sagas, queued, dead)
 
 
 def _counts_view(p: _Progress, total: int, elapsed: float, handled: int) -> Group:
@@ -126,7 +133,9 @@ def _counts_view(p: _Progress, total: int, elapsed: float, handled: int) -> Grou
         table.add_row(Text(state, style=_STYLE[state]), str(count), Text(bar, style=_STYLE[state]))
     for reason, count in p.reasons.items():
         table.add_row(Text(f"  {reason or 'cancelled'}", style="dim"), str(count), "")
+    sagas = ", ".join(f"{n} {state.lower()}" for state, n in p.sagas.items())
     stats = Text(
+        f"sagas: {sagas}\n"
         f"{elapsed:.1f}s, {handled} deliveries handled, "
         f"{p.queued} messages queued, {p.dead} dead letters",
         style="dim",

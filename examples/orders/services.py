@@ -1,25 +1,22 @@
-"""The order system's four services, choreographed by events.
+"""The order system's four services, driven by an orchestrated saga.
 
-Every service is a consumer group of one ``App`` and keeps all of its state in
-SQL tables of the store, so each can run in its own worker process
-(``create_app(services=("inventory",))``). The SQL runs unchanged on SQLite and
-PostgreSQL stores (``?`` placeholders, ``ON CONFLICT DO NOTHING``, types both
-accept). Every handler is idempotent on
-business keys as well as on message ids: a request duplicated under a new
-message id (which the inbox cannot recognise) finds its effect already
-recorded and does nothing.
+The ``order`` saga (``ORDER_SAGA``) runs four steps, each a command to a
+service answered by a reply; a refused or silent step undoes the earlier
+ones in reverse::
 
-Event flow (message key = order id)::
+    reserve  inventory.reserve  ->  undo: inventory.release
+    charge   payment.charge     ->  undo: payment.refund   (times out: PAYMENT_TIMEOUT)
+    ship     shipping.ship
+    deliver  shipping.deliver
 
-    place_order -> orders.placed
-    inventory:  orders.placed      -> inventory.reserved | inventory.rejected
-    payment:    inventory.reserved -> payment.charged    | payment.declined
-    shipping:   payment.charged    -> shipping.shipped   | shipping.failed
-    shipping:   shipping.shipped   -> shipping.delivered
-    payment:    shipping.failed    -> payment.refunded
-    inventory:  payment.declined | payment.refunded -> inventory.released
-    orders:     reserved/charged/shipped/delivered move the order forward;
-                inventory.rejected and inventory.released cancel it
+The orders service is the orchestrator: the order row follows the saga in
+the transaction that records each step (CREATED -> RESERVED -> PAID ->
+SHIPPED -> DELIVERED, or CANCELLED once every compensation is done). Every
+service keeps its state in SQL tables of the store and can run in its own
+worker process (``create_app(services=("inventory",))``); the SQL runs
+unchanged on SQLite and PostgreSQL. Participants are idempotent twice over:
+``Sagas.participant`` answers a repeated command from its record, and the
+payment is keyed by a transaction id, so nothing is charged twice.
 """
 
 from __future__ import annotations
@@ -27,19 +24,24 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pydantic
 
 from conveyor import App, CircuitBreaker, ConfigError, Context, RetryPolicy, Session, Settings
+from conveyor.messages import uuid7
+from conveyor.sagas import Saga, SagaEvent, SagaRecord, Sagas, Step, StepFailed
 
 __all__ = [
     "CANCELLED",
     "DELIVERED",
     "Faults",
     "INVARIANTS",
+    "ORDER_SAGA",
     "OrderEvent",
+    "PAYMENT_TIMEOUT",
     "PaymentOutage",
     "PaymentUnavailable",
     "SERVICES",
@@ -49,7 +51,9 @@ __all__ = [
     "check_invariants",
     "create_app",
     "create_schema",
+    "order_saga",
     "place_order",
+    "sagas_of",
     "state_counts",
     "stock_levels",
 ]
@@ -127,10 +131,11 @@ class Faults:
     """Fault injection, by configuration. Rates are probabilities in [0, 1].
 
     ``error_rate``: a handler raises ``TransientFault`` after its writes (they
-    roll back and the message is retried). ``latency``: each handler first
-    waits up to this many seconds. ``decline_rate``: payments declined.
+    roll back and the message is retried). ``latency``: each participant
+    first waits up to this many seconds. ``decline_rate``: payments declined.
     ``ship_failure_rate``: shipments that fail (refund, then release).
-    ``duplicate_rate``: messages sent twice under different message ids.
+    ``duplicate_rate``: commands sent again under a new message id, and
+    orders placed twice.
     """
 
     error_rate: float = 0.05
@@ -174,7 +179,9 @@ class PaymentOutage:
 
 
 class OrderEvent(pydantic.BaseModel):
-    """The body of every order-system event; ``amount`` is in cents."""
+    """The order saga's data (what every command carries); ``amount`` is in cents."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
 
     order_id: str
     sku: str
@@ -186,6 +193,46 @@ class OrderEvent(pydantic.BaseModel):
 # Small delays so a demo with injected errors still finishes in seconds; enough
 # attempts that a message exhausting them at a 5% error rate is negligible.
 DEMO_RETRY = RetryPolicy(max_attempts=12, base_delay=0.01, max_delay=0.2)
+# A charge with no reply within this many seconds is compensated (refund,
+# then release): the customer is never left waiting on a silent provider.
+PAYMENT_TIMEOUT = 30.0
+
+
+def order_saga(*, payment_timeout: float | None = PAYMENT_TIMEOUT) -> Saga:
+    """The four-step order saga (its compensations retry every 0.05-2 s)."""
+    undo = RetryPolicy(max_attempts=20, base_delay=0.05, max_delay=2.0)
+    return Saga(
+        "order",
+        steps=[
+            Step(
+                "reserve",
+                command="inventory.reserve",
+                compensation="inventory.release",
+                compensation_retry=undo,
+            ),
+            Step(
+                "charge",
+                command="payment.charge",
+                compensation="payment.refund",
+                timeout=payment_timeout,
+                compensation_retry=undo,
+            ),
+            Step("ship", command="shipping.ship"),
+            Step("deliver", command="shipping.deliver"),
+        ],
+    )
+
+
+ORDER_SAGA = order_saga()
+
+# The order state each step's success moves to.
+_AFTER_STEP = {"reserve": RESERVED, "charge": PAID, "ship": SHIPPED, "deliver": DELIVERED}
+_SAGAS: weakref.WeakKeyDictionary[App, Sagas] = weakref.WeakKeyDictionary()
+
+
+def sagas_of(app: App) -> Sagas:
+    """The saga orchestrator ``create_app`` attached to ``app``."""
+    return _SAGAS[app]
 
 
 async def create_schema(app: App) -> None:
@@ -204,12 +251,12 @@ async def place_order(
     amount: int,
     duplicate: bool = False,
 ) -> None:
-    """Accept an order: the CREATED row and ``orders.placed`` commit together.
-
-    ``duplicate`` sends ``orders.placed`` a second time under another message
-    id, as a retrying client would.
+    """Accept an order: the CREATED row and the saga's first command commit
+    together. The saga id is the order id, so ``duplicate`` (placing it a
+    second time, as a retrying client would) starts nothing new.
     """
-    event = OrderEvent(order_id=order_id, sku=sku, qty=qty, amount=amount)
+    order = OrderEvent(order_id=order_id, sku=sku, qty=qty, amount=amount)
+    sagas = sagas_of(app)
     now = time.time()
     async with app.transaction() as s:
         await s.execute(
@@ -218,7 +265,7 @@ async def place_order(
             (order_id, sku, qty, amount, CREATED, _RANK[CREATED], now, now),
         )
         for _ in range(2 if duplicate else 1):
-            await s.publish("orders.placed", event, key=order_id)
+            await sagas.start(s, "order", order, saga_id=order_id)
 
 
 async def state_counts(s: Session) -> dict[str, int]:
@@ -244,12 +291,16 @@ def create_app(
     seed: int | None = None,
     outage: PaymentOutage | None = None,
     payment_breakers: Sequence[CircuitBreaker] = (),
+    payment_timeout: float | None = PAYMENT_TIMEOUT,
+    orchestrator_concurrency: int = 1,
 ) -> App:
     """An ``App`` with the handlers of ``services`` (default: all four), each
-    service its own consumer group. ``seed`` makes the fault dice repeatable.
-    ``outage`` is a switch the caller flips to take the payment provider down;
-    ``payment_breakers`` guard the payment handlers (their consumers pause
-    while one is open)."""
+    service its own consumer groups; "orders" is the saga's orchestrator.
+    ``seed`` makes the fault dice repeatable. ``outage`` is a switch the
+    caller flips to take the payment provider down; ``payment_breakers``
+    guard the payment handlers (their consumers pause while one is open);
+    ``payment_timeout`` (seconds, None for none) bounds the wait for a charge.
+    """
     chosen = set(services)
     unknown = chosen - set(SERVICES)
     if unknown:
@@ -259,188 +310,146 @@ def create_app(
     faults = faults if faults is not None else Faults()
     rng = random.Random(seed)
     app = App("orders", settings=settings)
+    sagas = Sagas(app, concurrency=orchestrator_concurrency, retry=retry)
+    _SAGAS[app] = sagas
 
     def chance(rate: float) -> bool:
         return rate > 0 and rng.random() < rate
 
-    async def before() -> None:
+    async def before(ctx: Context) -> None:
         if faults.latency > 0:
             await asyncio.sleep(rng.uniform(0.0, faults.latency))
+        if chance(faults.duplicate_rate):
+            # The same command again under a new message id, as a retrying
+            # sender would: the inbox cannot tell, the participant record can.
+            await ctx.send([replace(ctx.message, id=uuid7(), attempt=0)])
 
-    def after(ctx: Context) -> None:
-        # After the handler's writes and messages: the rollback is part of the test.
+    def after(session: Session, where: str) -> None:
+        # After the writes and messages: the rollback is part of the test.
         if chance(faults.error_rate):
-            raise TransientFault(f"injected fault in {ctx.group} for {ctx.message.topic}")
+            raise TransientFault(f"injected fault in {where}")
 
-    async def emit(ctx: Context, topic: str, event: OrderEvent) -> None:
-        for _ in range(2 if chance(faults.duplicate_rate) else 1):
-            await ctx.publish(topic, event, key=event.order_id)
+    async def follow(session: Session, record: SagaRecord, events: Sequence[SagaEvent]) -> None:
+        """Keep the order row in step with its saga, in the saga's transaction."""
+        for event in events:
+            if event.type == "succeeded":
+                state, reason = _AFTER_STEP[event.step], ""
+            elif event.type == "saga_compensated":
+                state, reason = CANCELLED, record.error
+            else:
+                continue
+            await session.execute(
+                "UPDATE orders SET state = ?, rank = ?, reason = ?, updated_at = ? "
+                "WHERE id = ? AND rank < ?",
+                (state, _RANK[state], reason, time.time(), record.id, _RANK[state]),
+            )
+        if isinstance(session, Context):  # a worker's transaction, not the client's
+            after(session, "the orders service")
 
-    async def advance(ctx: Context, event: OrderEvent, state: str) -> None:
-        await before()
-        await ctx.execute(
-            "UPDATE orders SET state = ?, rank = ?, reason = ?, updated_at = ? "
-            "WHERE id = ? AND rank < ?",
-            (state, _RANK[state], event.reason, time.time(), event.order_id, _RANK[state]),
-        )
-        after(ctx)
-
-    if "orders" in chosen:
-
-        @app.handler("inventory.reserved", group="orders", retry=retry)
-        async def order_reserved(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, RESERVED)
-
-        @app.handler("payment.charged", group="orders", retry=retry)
-        async def order_paid(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, PAID)
-
-        @app.handler("shipping.shipped", group="orders", retry=retry)
-        async def order_shipped(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, SHIPPED)
-
-        @app.handler("shipping.delivered", group="orders", retry=retry)
-        async def order_delivered(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, DELIVERED)
-
-        @app.handler("inventory.rejected", group="orders", retry=retry)
-        async def order_rejected(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, CANCELLED)
-
-        # Cancelled only once the stock is back: every compensation (refund,
-        # then release) has happened before the order turns terminal.
-        @app.handler("inventory.released", group="orders", retry=retry)
-        async def order_cancelled(ctx: Context, event: OrderEvent) -> None:
-            await advance(ctx, event, CANCELLED)
+    sagas.register(
+        order_saga(payment_timeout=payment_timeout),
+        orchestrate="orders" in chosen,
+        on_change=follow,
+    )
 
     if "inventory" in chosen:
 
-        @app.handler("orders.placed", group="inventory", retry=retry)
-        async def reserve(ctx: Context, event: OrderEvent) -> None:
-            await before()
-            if await ctx.fetchone(
-                "SELECT 1 FROM reservations WHERE order_id = ?", (event.order_id,)
-            ):
-                return  # already decided for this order
+        @sagas.participant("inventory.reserve", group="inventory", retry=retry)
+        async def reserve(ctx: Context, order: OrderEvent) -> None:
+            await before(ctx)
             taken = await ctx.execute(
                 "UPDATE stock SET available = available - ? WHERE sku = ? AND available >= ?",
-                (event.qty, event.sku, event.qty),
+                (order.qty, order.sku, order.qty),
             )
-            state = "HELD" if taken else "REJECTED"
+            if not taken:
+                raise StepFailed("out of stock")
             await ctx.execute(
-                "INSERT INTO reservations (order_id, sku, qty, state) VALUES (?, ?, ?, ?)",
-                (event.order_id, event.sku, event.qty, state),
+                "INSERT INTO reservations (order_id, sku, qty, state) VALUES (?, ?, ?, 'HELD')",
+                (order.order_id, order.sku, order.qty),
             )
-            if taken:
-                await emit(ctx, "inventory.reserved", event)
-            else:
-                out = event.model_copy(update={"reason": "out of stock"})
-                await emit(ctx, "inventory.rejected", out)
-            after(ctx)
+            after(ctx, "inventory.reserve")
 
-        async def release(ctx: Context, event: OrderEvent) -> None:
-            await before()
+        @sagas.participant("inventory.release", group="inventory-release", retry=retry)
+        async def release(ctx: Context, order: OrderEvent) -> None:
+            await before(ctx)
             held = await ctx.fetchone(
                 "SELECT sku, qty FROM reservations WHERE order_id = ? AND state = 'HELD'",
-                (event.order_id,),
+                (order.order_id,),
             )
             if held is not None:
                 await ctx.execute(
                     "UPDATE reservations SET state = 'RELEASED' WHERE order_id = ?",
-                    (event.order_id,),
+                    (order.order_id,),
                 )
                 await ctx.execute(
                     "UPDATE stock SET available = available + ? WHERE sku = ?", (held[1], held[0])
                 )
-                await emit(ctx, "inventory.released", event)
-            after(ctx)
-
-        @app.handler("payment.declined", group="inventory", retry=retry)
-        async def release_declined(ctx: Context, event: OrderEvent) -> None:
-            await release(ctx, event)
-
-        @app.handler("payment.refunded", group="inventory", retry=retry)
-        async def release_refunded(ctx: Context, event: OrderEvent) -> None:
-            await release(ctx, event)
+            after(ctx, "inventory.release")
 
     if "payment" in chosen:
 
-        @app.handler("inventory.reserved", group="payment", retry=retry, breakers=payment_breakers)
-        async def charge(ctx: Context, event: OrderEvent) -> None:
-            await before()
+        @sagas.participant(
+            "payment.charge", group="payment", retry=retry, breakers=payment_breakers
+        )
+        async def charge(ctx: Context, order: OrderEvent) -> dict[str, str]:
+            await before(ctx)
             if outage is not None:
                 outage.call()
-            declined = chance(faults.decline_rate)
-            # The transaction id makes the charge idempotent: a duplicate
-            # request, whatever its message id, finds the row and stops.
-            added = await ctx.execute(
+            if chance(faults.decline_rate):
+                raise StepFailed("payment declined")
+            # The transaction id makes the charge idempotent at the provider
+            # as well: a second request for one order finds the row and stops.
+            txn = f"charge:{order.order_id}"
+            await ctx.execute(
                 "INSERT INTO payments (txn_id, order_id, kind, amount, status, created_at) "
-                "VALUES (?, ?, 'charge', ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    f"charge:{event.order_id}",
-                    event.order_id,
-                    event.amount,
-                    "DECLINED" if declined else "OK",
-                    time.time(),
-                ),
+                "VALUES (?, ?, 'charge', ?, 'OK', ?) ON CONFLICT DO NOTHING",
+                (txn, order.order_id, order.amount, time.time()),
             )
-            if added:
-                if declined:
-                    out = event.model_copy(update={"reason": "payment declined"})
-                    await emit(ctx, "payment.declined", out)
-                else:
-                    await emit(ctx, "payment.charged", event)
-            after(ctx)
+            after(ctx, "payment.charge")
+            return {"txn_id": txn}
 
-        @app.handler("shipping.failed", group="payment", retry=retry, breakers=payment_breakers)
-        async def refund(ctx: Context, event: OrderEvent) -> None:
-            await before()
+        @sagas.participant(
+            "payment.refund", group="payment-refund", retry=retry, breakers=payment_breakers
+        )
+        async def refund(ctx: Context, order: OrderEvent) -> None:
+            await before(ctx)
             if outage is not None:
                 outage.call()
             charged = await ctx.fetchone(
                 "SELECT amount FROM payments WHERE txn_id = ? AND status = 'OK'",
-                (f"charge:{event.order_id}",),
+                (f"charge:{order.order_id}",),
             )
             if charged is not None:
-                added = await ctx.execute(
+                await ctx.execute(
                     "INSERT INTO payments (txn_id, order_id, kind, amount, status, created_at) "
                     "VALUES (?, ?, 'refund', ?, 'OK', ?) ON CONFLICT DO NOTHING",
-                    (f"refund:{event.order_id}", event.order_id, charged[0], time.time()),
+                    (f"refund:{order.order_id}", order.order_id, charged[0], time.time()),
                 )
-                if added:
-                    await emit(ctx, "payment.refunded", event)
-            after(ctx)
+            after(ctx, "payment.refund")
 
     if "shipping" in chosen:
 
-        @app.handler("payment.charged", group="shipping", retry=retry)
-        async def ship(ctx: Context, event: OrderEvent) -> None:
-            await before()
-            failed = chance(faults.ship_failure_rate)
-            added = await ctx.execute(
-                "INSERT INTO shipments (order_id, state, updated_at) VALUES (?, ?, ?) "
+        @sagas.participant("shipping.ship", group="shipping", retry=retry)
+        async def ship(ctx: Context, order: OrderEvent) -> None:
+            await before(ctx)
+            if chance(faults.ship_failure_rate):
+                raise StepFailed("shipment failed")
+            await ctx.execute(
+                "INSERT INTO shipments (order_id, state, updated_at) VALUES (?, 'SHIPPED', ?) "
                 "ON CONFLICT DO NOTHING",
-                (event.order_id, "FAILED" if failed else "SHIPPED", time.time()),
+                (order.order_id, time.time()),
             )
-            if added:
-                if failed:
-                    out = event.model_copy(update={"reason": "shipment failed"})
-                    await emit(ctx, "shipping.failed", out)
-                else:
-                    await emit(ctx, "shipping.shipped", event)
-            after(ctx)
+            after(ctx, "shipping.ship")
 
-        @app.handler("shipping.shipped", group="shipping", retry=retry)
-        async def deliver(ctx: Context, event: OrderEvent) -> None:
-            await before()
-            moved = await ctx.execute(
+        @sagas.participant("shipping.deliver", group="shipping-deliver", retry=retry)
+        async def deliver(ctx: Context, order: OrderEvent) -> None:
+            await before(ctx)
+            await ctx.execute(
                 "UPDATE shipments SET state = 'DELIVERED', updated_at = ? "
                 "WHERE order_id = ? AND state = 'SHIPPED'",
-                (time.time(), event.order_id),
+                (time.time(), order.order_id),
             )
-            if moved:
-                await emit(ctx, "shipping.delivered", event)
-            after(ctx)
+            after(ctx, "shipping.deliver")
 
     return app
 

@@ -33,6 +33,8 @@ def _app(path: Path, outage: PaymentOutage, breakers: list[CircuitBreaker]) -> A
         retry=RETRY,
         outage=outage,
         payment_breakers=breakers,
+        # The breaker, not the saga's payment timeout, is under test here.
+        payment_timeout=None,
     )
 
 
@@ -50,7 +52,7 @@ async def _orders(app: App, first: int, count: int) -> None:
 async def _payment_queue(app: App) -> tuple[int, int, int]:
     """(ready, in flight, delayed) of the payment service's charge requests."""
     for q in await app.broker.stats():
-        if q.topic == "inventory.reserved" and q.group == "payment":
+        if q.topic == "payment.charge" and q.group == "payment":
             return q.ready, q.in_flight, q.delayed
     return 0, 0, 0
 
@@ -60,7 +62,7 @@ def _attempts(app: App) -> int:
     [(total,)] = store_rows(
         app,
         "SELECT COALESCE(SUM(attempt), 0) FROM conveyor_queue "
-        "WHERE topic = 'inventory.reserved' AND grp = 'payment'",
+        "WHERE topic = 'payment.charge' AND grp = 'payment'",
     )
     return int(total)
 

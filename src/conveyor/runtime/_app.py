@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Unpack
 
@@ -67,6 +68,7 @@ class App:
         self._connected = False
         self._shedder: LoadShedder | None = None
         self._on_connect: list[Callable[[App], Awaitable[None]]] = []
+        self.periodic: list[tuple[float, Callable[[App], Awaitable[None]]]] = []
 
     @property
     def broker(self) -> Broker:
@@ -154,6 +156,25 @@ class App:
         is open (create tables here); hooks must be idempotent."""
         self._on_connect.append(hook)
         return hook
+
+    def every(
+        self, interval: float | timedelta
+    ) -> Callable[[Callable[[App], Awaitable[None]]], Callable[[App], Awaitable[None]]]:
+        """Run ``await task(app)`` in every worker, then again ``interval``
+        after it returns, until the worker stops. A task that raises is
+        logged and runs again at its next turn; it must be idempotent, since
+        every worker process runs it."""
+        period = seconds(interval)
+        if period <= 0:
+            raise ConfigError(f"interval must be > 0 seconds, got {period}")
+
+        def register(
+            task: Callable[[App], Awaitable[None]],
+        ) -> Callable[[App], Awaitable[None]]:
+            self.periodic.append((period, task))
+            return task
+
+        return register
 
     async def connect(self) -> None:
         """Connect broker and store, run the ``on_connect`` hooks and declare

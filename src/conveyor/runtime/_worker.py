@@ -104,6 +104,8 @@ class Worker:
         if binding is None:
             self._tasks.append(asyncio.create_task(self._relay()))
         self._tasks.append(asyncio.create_task(self._prune()))
+        for interval, periodic in app.periodic:
+            self._tasks.append(asyncio.create_task(self._every(interval, periodic)))
         log.info(
             "worker started with %d handler(s) on %s",
             len(app.handlers),
@@ -542,6 +544,20 @@ class Worker:
                 self._busy.discard(task)
             if not rows and not self.stopping:
                 await app.store.wait_outbox(app.settings.idle_poll)
+
+    async def _every(self, interval: float, task: Callable[[App], Awaitable[None]]) -> None:
+        app = self.app
+        while not self.stopping:
+            try:
+                await task(app)
+            except Exception:
+                log.exception(
+                    "periodic task %s failed; it runs again in %gs",
+                    getattr(task, "__qualname__", task),
+                    interval,
+                    extra={"event": "conveyor.periodic_failed"},
+                )
+            await app.clock.sleep(interval)
 
     async def _prune(self) -> None:
         app = self.app

@@ -16,7 +16,7 @@ from conveyor.sagas._history import (
     SagaRecord,
     rebuild,
 )
-from conveyor.sagas._orchestrator import SAGA_ID, Sagas, saga_id_of
+from conveyor.sagas._orchestrator import SAGA_ID, OnChange, Sagas, saga_id_of
 from conveyor.sagas._tables import list_sagas, load_events, load_saga
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "COMPLETED",
     "FAILED",
     "LocalCall",
+    "OnChange",
     "RUNNING",
     "SAGA_ID",
     "STATES",

@@ -5,23 +5,25 @@ work for the reply (or timer) that caused it, holding the inbox record, the
 saga row, the events appended to its history and the commands sent through
 the outbox. A crash at any point either loses the whole change (the message is
 redelivered and handled again) or keeps all of it (the redelivered duplicate
-is skipped by the inbox). Timeouts are delayed messages in the broker, so they
-survive every process; a timer whose request was answered is ignored.
+is skipped by the inbox). Timeouts are durable: the awaited request's deadline
+is a column of the saga row, and every orchestrating worker scans for
+deadlines that have passed (``timer_interval``); a timeout is one more
+transition, guarded like the others, so two scanners never apply it twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import pydantic
 
-from conveyor.errors import ConfigError, DeadLetter, SagaError, StepFailed
+from conveyor.errors import ConfigError, DeadLetter, SagaConflict, SagaError, StepFailed
 from conveyor.messages import CAUSATION_ID, CORRELATION_ID, Message, uuid7
-from conveyor.resilience import RetryPolicy
+from conveyor.resilience import Bulkhead, CircuitBreaker, Limiter, RetryPolicy
 from conveyor.runtime import App, Context, Session
 from conveyor.runtime._handlers import Handler
 from conveyor.sagas._definition import Saga, Step
@@ -36,13 +38,14 @@ from conveyor.sagas._history import (
 )
 from conveyor.sagas._tables import (
     create_tables,
+    due_sagas,
     insert_saga,
     load_events,
     load_saga,
     save_saga,
 )
 
-__all__ = ["SAGA_ID", "Sagas", "saga_id_of"]
+__all__ = ["SAGA_ID", "OnChange", "Sagas", "saga_id_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,9 +57,12 @@ _NAME, _STEP, _PHASE, _TOKEN, _REPLY_TO = (
     "saga-token",
     "saga-reply-to",
 )
-_REPLY, _TIMEOUT, _CALL, _RESUME = "saga.reply", "saga.timeout", "saga.call", "saga.resume"
+_REPLY, _CALL, _RESUME = "saga.reply", "saga.call", "saga.resume"
 
 ParticipantFunc = Callable[..., Awaitable[object]]
+OnChange = Callable[[Session, SagaRecord, Sequence[SagaEvent]], Awaitable[None]]
+"""``async def f(session, record, events)``: called in the transaction that
+records ``events``, with the record after them (keep a read model in step)."""
 
 
 def saga_id_of(ctx: Context) -> str:
@@ -122,12 +128,22 @@ class Sagas:
     ``concurrency`` and ``retry`` as for any handler.
     """
 
-    def __init__(self, app: App, *, concurrency: int = 1, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        timer_interval: float = 1.0,
+    ) -> None:
         self.app = app
+        self._timer_interval = timer_interval
+        self._scanning = False
         self._concurrency = concurrency
         self._retry = retry
         self._definitions: dict[tuple[str, int], Saga] = {}
         self._latest: dict[str, Saga] = {}
+        self._listeners: dict[str, OnChange] = {}
         app.on_connect(self._create_tables)
 
     @staticmethod
@@ -135,24 +151,34 @@ class Sagas:
         async with app.store.transaction() as tx:
             await create_tables(tx)
 
-    def register(self, saga: Saga) -> Saga:
-        """Run instances of ``saga`` (several versions of one name may be registered)."""
+    def register(
+        self, saga: Saga, *, orchestrate: bool = True, on_change: OnChange | None = None
+    ) -> Saga:
+        """Know ``saga`` (several versions of one name may be registered) and,
+        with ``orchestrate``, handle its replies and timers in this app's
+        workers; ``False`` lets a process start sagas that others drive.
+        ``on_change`` sees every change in the transaction that makes it."""
         key = (saga.name, saga.version)
         if key in self._definitions:
             raise ConfigError(f"saga {saga.name!r} version {saga.version} is registered twice")
         first = saga.name not in self._latest
         self._definitions[key] = saga
+        if on_change is not None:
+            self._listeners[saga.name] = on_change
         if first or saga.version > self._latest[saga.name].version:
             self._latest[saga.name] = saga
-        if first:
+        if orchestrate and not self._scanning:
+            self._scanning = True
+            self.app.every(self._timer_interval)(self._expire)
+        if first and orchestrate:
 
-            async def orchestrate(ctx: Context) -> None:
+            async def orchestrator(ctx: Context) -> None:
                 await self._handle(ctx)
 
-            orchestrate.__qualname__ = f"saga {saga.name}"
+            orchestrator.__qualname__ = f"saga {saga.name}"
             self.app.handler(
                 saga.topic, group=saga.topic, concurrency=self._concurrency, retry=self._retry
-            )(orchestrate)
+            )(orchestrator)
         return saga
 
     def definition(self, name: str, version: int | None = None) -> Saga:
@@ -187,9 +213,18 @@ class Sagas:
             steps=[s.name for s in definition.steps],
         )
         self._advance(turn)
-        await insert_saga(session.tx, turn.record, turn.events)
+        # The check above misses a start of this id that has not committed
+        # yet: the insert then waits for it and writes nothing.
+        if not await insert_saga(session.tx, turn.record, turn.events):
+            return sid
         await session.send(turn.messages)
+        await self._notify(session, turn)
         return sid
+
+    async def _notify(self, session: Session, turn: _Turn) -> None:
+        listener = self._listeners.get(turn.saga.name)
+        if listener is not None and turn.events:
+            await listener(session, turn.record, turn.events)
 
     async def get(self, saga_id: str) -> SagaRecord | None:
         async with self.app.store.transaction() as tx:
@@ -260,12 +295,6 @@ class Sagas:
             turn.messages.append(
                 turn.message(turn.saga.topic, {}, type=_CALL, headers=headers, delay=delay)
             )
-        if timeout is not None:
-            turn.messages.append(
-                turn.message(
-                    turn.saga.topic, {}, type=_TIMEOUT, headers=headers, delay=delay + timeout
-                )
-            )
 
     def _step_failed(self, turn: _Turn, step: Step, reason: str, *, timed_out: bool) -> None:
         r = turn.record
@@ -309,7 +338,7 @@ class Sagas:
         message = ctx.message
         headers = message.headers
         saga_id, token = headers.get(SAGA_ID), headers.get(_TOKEN)
-        if not saga_id or not token or message.type not in (_REPLY, _TIMEOUT, _CALL, _RESUME):
+        if not saga_id or not token or message.type not in (_REPLY, _CALL, _RESUME):
             raise DeadLetter(
                 f"not a saga message (type {message.type!r}, saga-id {saga_id!r}, token {token!r})"
             )
@@ -331,7 +360,7 @@ class Sagas:
                     reason="late reply" if record.terminal or record.token else "duplicate reply",
                 )
             else:
-                return  # a timer for a request that was answered: the normal case
+                return  # a call or resume that was already handled
         else:
             step = saga.steps[record.step]
             if message.type == _REPLY:
@@ -340,23 +369,59 @@ class Sagas:
             elif message.type == _RESUME:
                 turn.emit("resumed", step.name, index=record.step)
                 self._send(turn, record.step, "compensation", attempt=1)
-            elif message.type == _TIMEOUT:
-                timeout = step.timeout_for(record.phase)
-                self._step_failed(turn, step, f"no reply within {timeout:g}s", timed_out=True)
             else:
                 await self._call(ctx, turn, step)
-        await save_saga(ctx.tx, before, turn.record, turn.events)
-        await ctx.send(turn.messages)
+        await self._commit(ctx, before, turn)
+
+    async def _commit(self, session: Session, before: int, turn: _Turn) -> None:
+        """Store the turn: row, history, outgoing messages, read model, dead letters."""
+        await save_saga(session.tx, before, turn.record, turn.events)
+        await session.send(turn.messages)
+        await self._notify(session, turn)
+        saga_id = turn.record.id
         for dead, why in turn.dead:
             _log.error("saga %s failed: %s", saga_id, why, extra={"saga_id": saga_id})
             await self.app.store.dead_letter(
-                ctx.tx,
-                group=saga.topic,
+                session.tx,
+                group=turn.saga.topic,
                 message=dead,
                 reason=f"saga {saga_id}: {why}",
                 error_type="SagaCompensationFailed",
                 traceback="",
             )
+
+    async def _expire(self, app: App) -> None:
+        await self.expire()
+
+    async def expire(self) -> int:
+        """Time out every awaited request whose deadline has passed; returns
+        how many. Each orchestrating worker runs this every ``timer_interval``."""
+        now = self.app.clock.time()
+        async with self.app.store.transaction() as tx:
+            due = await due_sagas(tx, now, limit=500)
+        expired = 0
+        for saga_id in due:
+            try:
+                async with self.app.transaction() as session:
+                    record = await load_saga(session.tx, saga_id)
+                    if (
+                        record is None
+                        or record.terminal
+                        or record.deadline is None
+                        or record.deadline > now
+                        or (record.name, record.version) not in self._definitions
+                    ):
+                        continue
+                    saga = self._definitions[(record.name, record.version)]
+                    step = saga.steps[record.step]
+                    turn = _Turn(saga, record, now, None)
+                    timeout = step.timeout_for(record.phase) or 0.0
+                    self._step_failed(turn, step, f"no reply within {timeout:g}s", timed_out=True)
+                    await self._commit(session, record.seq, turn)
+                expired += 1
+            except SagaConflict:
+                continue  # another worker moved this saga first
+        return expired
 
     def _on_reply(self, turn: _Turn, step: Step, reply: Mapping[str, Any]) -> None:
         r = turn.record
@@ -420,6 +485,10 @@ class Sagas:
         concurrency: int = 1,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        breakers: Sequence[CircuitBreaker] = (),
+        rate_limit: Limiter | str | None = None,
+        rate_limit_key: Callable[[Message], Hashable] | None = None,
+        bulkhead: Bulkhead | None = None,
     ) -> Callable[[ParticipantFunc], ParticipantFunc]:
         """Register ``async def f(ctx, data) -> dict | None`` as the handler of
         saga commands on ``topic``; what it returns is merged into the saga's
@@ -453,6 +522,10 @@ class Sagas:
                 concurrency=concurrency,
                 retry=retry,
                 timeout=timeout,
+                breakers=breakers,
+                rate_limit=rate_limit,
+                rate_limit_key=rate_limit_key,
+                bulkhead=bulkhead,
             )(handle)
             return func
 

@@ -13,6 +13,7 @@ from conveyor.store._protocol import Store, Transaction
 __all__ = [
     "SCHEMA",
     "create_tables",
+    "due_sagas",
     "insert_saga",
     "list_sagas",
     "load_events",
@@ -40,6 +41,7 @@ SCHEMA = (
         updated_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS conveyor_sagas_state ON conveyor_sagas (state, created_at)",
+    "CREATE INDEX IF NOT EXISTS conveyor_sagas_deadline ON conveyor_sagas (deadline)",
     """CREATE TABLE IF NOT EXISTS conveyor_saga_events (
         saga_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -130,12 +132,18 @@ async def _append(tx: Transaction, saga_id: str, events: Sequence[SagaEvent]) ->
         )
 
 
-async def insert_saga(tx: Transaction, record: SagaRecord, events: Sequence[SagaEvent]) -> None:
-    await tx.execute(
-        f"INSERT INTO conveyor_sagas ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+async def insert_saga(tx: Transaction, record: SagaRecord, events: Sequence[SagaEvent]) -> bool:
+    """Store a new saga and its first events; False, writing nothing, if the id
+    exists (inserted by a concurrent transaction too: this one waits for it)."""
+    inserted = await tx.execute(
+        f"INSERT INTO conveyor_sagas ({_COLUMNS}) VALUES ({', '.join('?' * 16)}) "
+        "ON CONFLICT (id) DO NOTHING",
         _params(record),
     )
+    if inserted != 1:
+        return False
     await _append(tx, record.id, events)
+    return True
 
 
 async def save_saga(
@@ -152,6 +160,16 @@ async def save_saga(
     if changed != 1:
         raise SagaConflict(f"saga {record.id} changed under this update; handling it again")
     await _append(tx, record.id, events)
+
+
+async def due_sagas(tx: Transaction, now: float, *, limit: int) -> list[str]:
+    """Ids of sagas awaiting a reply whose deadline has passed, earliest first."""
+    rows = await tx.fetchall(
+        "SELECT id FROM conveyor_sagas WHERE deadline IS NOT NULL AND deadline <= ? "
+        "AND state IN ('RUNNING', 'COMPENSATING') ORDER BY deadline LIMIT ?",
+        [now, limit],
+    )
+    return [str(r[0]) for r in rows]
 
 
 async def load_saga(tx: Transaction, saga_id: str) -> SagaRecord | None:
