@@ -339,6 +339,71 @@ def dlq_purge(
     console.print(f"purged {_run(go)} dead letter(s)")
 
 
+sagas_cli = typer.Typer(help="Inspect saga instances and their history.", no_args_is_help=True)
+app.add_typer(sagas_cli, name="sagas")
+
+
+@sagas_cli.command("list")
+def sagas_list(
+    state: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this state (RUNNING, COMPENSATING, COMPLETED, ...); repeatable."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Only sagas of this name.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+) -> None:
+    """List saga instances, newest first: state, current step, age, error."""
+    from conveyor.cli import _sagas
+
+    states = _sagas.parse_states(state or [])
+    settings = _settings(broker, store, env_file)
+    records, names = _run(
+        lambda: _sagas.fetch_sagas(
+            settings.resolved_store_url, states=states, name=name, limit=limit
+        )
+    )
+    if as_json:
+        for r in records:
+            print(json.dumps(_sagas.record_json(r, names.get(r.id, []))))
+        return
+    if not records:
+        console.print("[dim]no sagas[/]")
+        return
+    console.print(_sagas.list_table(records, names, now=time.time()))
+
+
+@sagas_cli.command("show")
+def sagas_show(
+    saga_id: Annotated[str, typer.Argument(help="Saga id (from `sagas list`).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The record and its events as JSON.")
+    ] = False,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+) -> None:
+    """Show one saga: its state and data, the timeline of its history, how
+    long each step took, and whether the history folds back to the record."""
+    from conveyor.cli import _sagas
+
+    settings = _settings(broker, store, env_file)
+    view = _run(lambda: _sagas.fetch_saga(settings.resolved_store_url, saga_id))
+    if view is None:
+        raise _Exit(f"no saga with id {saga_id!r} (see `conveyor sagas list`)")
+    if as_json:
+        print(json.dumps(_sagas.saga_json(view), default=str))
+        return
+    console.print(_sagas.summary_table(view, now=time.time()))
+    console.print(_sagas.timeline_table(view))
+    console.print(_sagas.spans_table(view))
+    verdict = "[green]yes[/]" if view.consistent else "[bold red]no[/] (the stored record differs)"
+    console.print(f"history consistent: {verdict}")
+
+
 @app.command()
 def demo(
     orders: Annotated[int, typer.Option(min=1, max=100_000, help="Orders to place.")] = 300,

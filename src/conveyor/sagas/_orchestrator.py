@@ -107,11 +107,10 @@ class _Turn:
         if self.cause is not None:
             causal = {**self.cause.causal_headers(), CORRELATION_ID: self.record.id}
             causal[CAUSATION_ID] = self.cause.id
-        # Commands carry the saga id as key: a participant sees one saga's
-        # action before its compensation. Replies and timers carry none, so
-        # one held-back message never queues a saga's others behind it.
-        key = self.record.id if type == "saga.command" else None
-        message = Message.create(topic, body, type=type, key=key, headers={**headers, **causal})
+        # No ordering key: a participant needs none (a compensation that
+        # overtakes its action voids the step), and one held-back message
+        # must never queue a saga's others behind it.
+        message = Message.create(topic, body, type=type, headers={**headers, **causal})
         if delay > 0:
             message = replace(message, not_before=self.now + delay)
         return message
@@ -123,9 +122,10 @@ class Sagas:
     ``register`` a ``Saga``; ``start`` instances inside a transaction (the
     first command commits with the caller's writes); decorate the services'
     handlers with ``participant`` so that each step acts at most once per
-    saga, whatever is redelivered, retried or late. Replies and timers for a
-    saga go to the topic ``saga.<name>``, handled by this app's workers with
-    ``concurrency`` and ``retry`` as for any handler.
+    saga, whatever is redelivered, retried or late. Replies, local-step
+    calls and resumes for a saga go to the topic ``saga.<name>``, handled by
+    this app's workers with ``concurrency`` and ``retry`` as for any handler;
+    each worker also scans for passed deadlines every ``timer_interval``.
     """
 
     def __init__(
@@ -139,6 +139,7 @@ class Sagas:
         self.app = app
         self._timer_interval = timer_interval
         self._scanning = False
+        self._orchestrated: set[str] = set()
         self._concurrency = concurrency
         self._retry = retry
         self._definitions: dict[tuple[str, int], Saga] = {}
@@ -167,6 +168,8 @@ class Sagas:
             self._listeners[saga.name] = on_change
         if first or saga.version > self._latest[saga.name].version:
             self._latest[saga.name] = saga
+        if orchestrate:
+            self._orchestrated.add(saga.name)
         if orchestrate and not self._scanning:
             self._scanning = True
             self.app.every(self._timer_interval)(self._expire)
@@ -357,7 +360,7 @@ class Sagas:
                     "ignored",
                     headers.get(_STEP, ""),
                     token=token,
-                    reason="late reply" if record.terminal or record.token else "duplicate reply",
+                    reason="saga finished" if record.terminal else "answers an earlier request",
                 )
             else:
                 return  # a call or resume that was already handled
@@ -398,7 +401,7 @@ class Sagas:
         how many. Each orchestrating worker runs this every ``timer_interval``."""
         now = self.app.clock.time()
         async with self.app.store.transaction() as tx:
-            due = await due_sagas(tx, now, limit=500)
+            due = await due_sagas(tx, now, names=self._orchestrated, limit=500)
         expired = 0
         for saga_id in due:
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from conveyor.errors import SagaConflict
@@ -162,12 +162,19 @@ async def save_saga(
     await _append(tx, record.id, events)
 
 
-async def due_sagas(tx: Transaction, now: float, *, limit: int) -> list[str]:
-    """Ids of sagas awaiting a reply whose deadline has passed, earliest first."""
+async def due_sagas(
+    tx: Transaction, now: float, *, names: Collection[str], limit: int
+) -> list[str]:
+    """Ids of sagas named in ``names`` awaiting a reply whose deadline has
+    passed, earliest first."""
+    if not names:
+        return []
+    marks = ", ".join("?" * len(names))
     rows = await tx.fetchall(
         "SELECT id FROM conveyor_sagas WHERE deadline IS NOT NULL AND deadline <= ? "
-        "AND state IN ('RUNNING', 'COMPENSATING') ORDER BY deadline LIMIT ?",
-        [now, limit],
+        f"AND state IN ('RUNNING', 'COMPENSATING') AND name IN ({marks}) "
+        "ORDER BY deadline LIMIT ?",
+        [now, *sorted(names), limit],
     )
     return [str(r[0]) for r in rows]
 
