@@ -344,11 +344,15 @@ class Worker:
         and skipped), and the ids applied are inserted at the end. If a
         concurrent transaction committed one of them meanwhile, that insert
         fails, ``tx`` rolls back and the batch comes back, to be skipped.
+        Messages the handlers publish are kept until the batch is done and
+        written with one ``publisher`` call, in the same transaction; those of
+        a handler whose savepoint rolled back are dropped with it.
         """
         store = self.app.store
         done = await store.inbox_seen(tx, handler.group, [d.message.id for d in deliveries])
         applied: list[str] = []
         outcomes: list[_Outcome] = []
+        published: list[Message] = []
         for delivery in deliveries:
             message = delivery.message
             if message.id in done:
@@ -359,11 +363,13 @@ class Worker:
                 )
                 outcomes.append(_ACK)
                 continue
-            outcome = await self._handle(handler, call, tx, delivery, publisher)
+            outcome = await self._handle(handler, call, tx, delivery, published)
             if outcome.applied:
                 done.add(message.id)
                 applied.append(message.id)
             outcomes.append(outcome)
+        if published:
+            await publisher(tx, published)
         await store.inbox_add_many(tx, handler.group, applied)
         return outcomes
 
@@ -373,10 +379,11 @@ class Worker:
         call: Callable[[Context], Awaitable[None]],
         tx: Transaction,
         delivery: Delivery,
-        publisher: Publisher,
+        published: list[Message],
     ) -> _Outcome:
         """Run one delivery inside ``tx``; returns whether to ack or retry and
-        whether the inbox must record it.
+        whether the inbox must record it. What the handler publishes joins
+        ``published`` only if its savepoint commits.
 
         Dead letters are written to ``tx`` here and acknowledged by the caller.
         """
@@ -395,7 +402,12 @@ class Worker:
             )
         if handler.retry_budget is not None and message.attempt == 1:
             handler.retry_budget.record_attempt()
-        ctx = Context(message, handler.group, tx, publisher, app.codec, app.settings.max_payload)
+        sent: list[Message] = []
+
+        async def collect(_tx: Transaction, messages: Sequence[Message]) -> None:
+            sent.extend(messages)
+
+        ctx = Context(message, handler.group, tx, collect, app.codec, app.settings.max_payload)
         try:
             async with tx.savepoint():
                 if handler.timeout is None:
@@ -411,6 +423,7 @@ class Worker:
                                 f"{handler.timeout:g}s timeout"
                             ) from exc
                         raise
+            published.extend(sent)
             return _APPLIED
         except Skip:
             return _APPLIED
