@@ -142,7 +142,7 @@ class Database:
             )
             self.conn.execute("PRAGMA busy_timeout=0")
             if path != ":memory:":
-                self.conn.execute("PRAGMA journal_mode=WAL")
+                self._wal()
                 # Checkpoints run on a background thread: an automatic one
                 # would copy the log into the file (and fsync) inside whichever
                 # commit crossed the threshold, on the event loop.
@@ -156,6 +156,20 @@ class Database:
             self.conn.execute("PRAGMA cache_size=-16000")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
+
+    def _wal(self) -> None:
+        """Switch to WAL. On a new file several processes starting at once
+        race for this (it needs the write lock, and waits are off): retry,
+        blocking, for up to 10 s; only start-up pays for it."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @classmethod
     def acquire(cls, url: str) -> Database:
