@@ -199,9 +199,8 @@ def _drop_database(name: str) -> None:
 
 
 def _child(argv: list[str], what: str) -> Results:
-    """Run a child process that prints one JSON line last; its figures. As
-    ``-m`` modules from the project root: a script's own folder first on
-    ``sys.path`` would let ``benchmarks/http.py`` shadow the standard library."""
+    """Run a child process (a ``-m`` module from the project root) that
+    prints one JSON line last; its figures."""
     try:
         proc = subprocess.run(
             [sys.executable, *argv],

@@ -13,6 +13,16 @@ are translated at the boundary (``raise BrokerError(...) from exc``)::
     ├── HandlerTimeout         a handler ran past its timeout (retryable)
     ├── SagaError              a saga definition, instance or reply is invalid
     │   └── SagaConflict       two updates of one saga raced (retryable)
+    ├── WebhookError           a webhook endpoint or delivery was refused
+    │   ├── UnsafeTarget       the URL is not a public http(s) target (SSRF guard)
+    │   └── UnknownEndpoint    no such (enabled) endpoint for this owner
+    ├── ClientError            the job API refused or failed a request (.status, .problem)
+    │   ├── JobRejected        the submit was refused (4xx other than 409/429)
+    │   ├── JobNotFound        unknown or expired job id (404)
+    │   ├── JobFailed          the job ended FAILED (.job_id, .error)
+    │   ├── JobCancelled       the job was cancelled (.job_id)
+    │   ├── JobTimeout         no final state within the timeout (.job_id)
+    │   └── WebhookVerificationError  a delivery's signature or timestamp is invalid
     └── ResilienceError        a resilience primitive refused or cut a call
         ├── CircuitOpen        a circuit breaker is open (.retry_after)
         ├── BulkheadFull       every concurrent and waiting slot is taken
@@ -41,12 +51,18 @@ __all__ = [
     "BulkheadFull",
     "CallTimeout",
     "CircuitOpen",
+    "ClientError",
     "ConfigError",
     "ConveyorError",
     "DeadLetter",
     "DecodeError",
     "HandlerSignal",
     "HandlerTimeout",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotFound",
+    "JobRejected",
+    "JobTimeout",
     "MessageError",
     "Overloaded",
     "PayloadTooLarge",
@@ -59,6 +75,10 @@ __all__ = [
     "Skip",
     "StepFailed",
     "StoreError",
+    "UnknownEndpoint",
+    "UnsafeTarget",
+    "WebhookError",
+    "WebhookVerificationError",
 ]
 
 
@@ -108,6 +128,78 @@ class SagaError(ConveyorError):
 
 class SagaConflict(SagaError):
     """Another transaction changed the saga first; the message is retried."""
+
+
+class WebhookError(ConveyorError):
+    """A webhook endpoint cannot be registered, or a delivery cannot be queued."""
+
+
+class UnsafeTarget(WebhookError):
+    """A webhook URL is refused by the SSRF guard: not http(s), has user info,
+    or its host resolves to an address that is not public (loopback, private,
+    link-local, ...). Add the host or its network to the allow-list to permit it."""
+
+
+class UnknownEndpoint(WebhookError):
+    """No webhook endpoint with that id or URL (enabled, for ``enqueue``) for this owner."""
+
+
+class ClientError(ConveyorError):
+    """The job API refused or failed a request. ``status`` is the HTTP status
+    (None when no response came) and ``problem`` the RFC 9457 body, if any."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, problem: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problem = problem or {}
+
+
+class JobRejected(ClientError):
+    """The server refused the submit (a 4xx other than 409 and 429): the body
+    is invalid, the kind unknown, the key missing...; retrying cannot help."""
+
+
+class JobNotFound(ClientError):
+    """The job id is unknown to the server, or its result has expired."""
+
+    def __init__(
+        self, message: str, *, job_id: str, problem: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message, status=404, problem=problem)
+        self.job_id = job_id
+
+
+class JobFailed(ClientError):
+    """The job ended ``FAILED``; ``error`` is the server's description."""
+
+    def __init__(self, message: str, *, job_id: str, error: str | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.error = error
+
+
+class JobCancelled(ClientError):
+    """The job was cancelled before it finished."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobTimeout(ClientError, TimeoutError):
+    """The job did not reach a final state within the timeout; it may still
+    finish: poll it again with ``client.job(kind, job_id)``."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class WebhookVerificationError(ClientError):
+    """A webhook delivery does not verify: a header is missing, the timestamp
+    is outside the tolerance, or no signature matches the secret."""
 
 
 class ResilienceError(ConveyorError):

@@ -133,6 +133,74 @@ def relay(broker: BrokerOpt = None, store: StoreOpt = None, env_file: EnvOpt = N
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="The job API, as MODULE:ATTR (a JobAPI).")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes.")] = 1,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the HTTP job API MODULE:ATTR (a conveyor.http.JobAPI) with uvicorn.
+
+    --broker/--store set CONVEYOR_BROKER_URL/CONVEYOR_STORE_URL before the
+    module is imported (in every server process), for an App built from the
+    environment. Jobs run in `conveyor worker MODULE:APP` processes."""
+    import os
+
+    from conveyor.http import JobAPI
+
+    for name, value in (("CONVEYOR_BROKER_URL", broker), ("CONVEYOR_STORE_URL", store)):
+        if value is not None:
+            os.environ[name] = value
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise _Exit(f"expected MODULE:ATTR, got {target!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _Exit(f"cannot import {module_name!r}: {exc}") from None
+    api = getattr(module, attr, None)
+    if not isinstance(api, JobAPI):
+        raise _Exit(f"{target!r} is not a conveyor.http.JobAPI (found {type(api).__name__})")
+    import uvicorn
+
+    _setup_logging(api.app.settings.log_level)
+    uvicorn.run(
+        target if workers > 1 else api,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+    )
+
+
+keys_cli = typer.Typer(help="API keys of the HTTP job API.", no_args_is_help=True)
+app.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="The key's name (owner of its jobs).")],
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+) -> None:
+    """Create an API key; prints the secret, which is shown only this once."""
+    from conveyor.http import ApiKeys
+
+    settings = _settings(broker, store, env_file)
+
+    async def go() -> str:
+        async with App("cli", settings=settings) as application:
+            return await ApiKeys(application).create(name)
+
+    console.print(_run(go), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def publish(
     topic: Annotated[str, typer.Argument(help="Topic to publish to.")],
     payload: Annotated[str, typer.Argument(help="JSON payload ('-' reads stdin).")],

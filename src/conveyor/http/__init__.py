@@ -1,0 +1,43 @@
+"""The asynchronous request-reply HTTP API: job kinds, their stores and the
+ASGI app (``JobAPI``). See docs/http.md."""
+
+from conveyor.http._app import JobAPI, Problem
+from conveyor.http._jobs import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    IdempotencyRecord,
+    JobContext,
+    JobKind,
+    JobRecord,
+    Jobs,
+    JobStore,
+    StoredResponse,
+)
+from conveyor.http._keys import ApiKey, ApiKeys, create_api_key
+from conveyor.http._webhooks import DeliveryAttempt, Endpoint, Webhooks
+
+__all__ = [
+    "ApiKey",
+    "ApiKeys",
+    "CANCELLED",
+    "DeliveryAttempt",
+    "Endpoint",
+    "FAILED",
+    "IdempotencyRecord",
+    "JobAPI",
+    "JobContext",
+    "JobKind",
+    "JobRecord",
+    "JobStore",
+    "Jobs",
+    "PENDING",
+    "Problem",
+    "RUNNING",
+    "SUCCEEDED",
+    "StoredResponse",
+    "Webhooks",
+    "create_api_key",
+]

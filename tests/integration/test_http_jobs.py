@@ -1,0 +1,296 @@
+"""The job API end to end with real workers, on every job store: SQLite
+(the embedded default), PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conveyor import Settings
+from conveyor.http.redis_jobs import RedisJobStore
+from conveyor.testing import FakeClock
+from tests.helpers import eventually, running, settings_for
+from tests.http_jobs import Built, build
+from tests.namespaces import drop_all
+from tests.servers import POSTGRES_URL, REDIS_URL, namespaced
+
+STORES = ("sqlite", "postgres", "redis")
+
+
+@contextlib.asynccontextmanager
+async def built_on(store: str, tmp_path: Path, **options: Any) -> AsyncIterator[Built]:
+    """A JobAPI with its App on ``store``, connected; everything dropped after."""
+    urls: list[str] = []
+    job_store = None
+    if store == "postgres":
+        url = namespaced(POSTGRES_URL)
+        urls.append(url)
+        settings = Settings(broker_url=url, store_url=url, idle_poll=0.01)
+    else:
+        settings = settings_for("bound", tmp_path)
+    if store == "redis":
+        url = namespaced(REDIS_URL)
+        urls.append(url)
+        job_store = RedisJobStore(url, clock=options.get("clock"))
+    b = build(settings, store=job_store, **options)
+    try:
+        # A bound on the whole test: a stuck await fails with its traceback.
+        async with asyncio.timeout(120), b.api:
+            yield b
+    finally:
+        await b.app.close()
+        await b.jobs.store.close()
+        await drop_all(urls)
+
+
+async def wait_status(client: httpx.AsyncClient, url: str, status: str) -> dict[str, Any]:
+    """Poll ``url`` until the job has ``status``; its body."""
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal seen
+        seen = (await client.get(url)).json()
+        return seen.get("status") == status
+
+    await eventually(reached, timeout=20, what=f"job status {status}")
+    return seen
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_job_succeeds_with_its_result(store: str, tmp_path: Path) -> None:
+    """POST answers 202 with Location and Retry-After; a worker runs the job;
+    GET shows PENDING (with Retry-After), then SUCCEEDED with the result."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        posted = await client.post("/jobs/square", json={"n": 12})
+        assert posted.status_code == 202
+        body = posted.json()
+        url = f"/jobs/square/{body['id']}"
+        assert body == {"id": body["id"], "kind": "square", "status": "PENDING", "status_url": url}
+        assert posted.headers["location"] == url
+        assert posted.headers["retry-after"] == "1"
+        pending = await client.get(url)
+        assert pending.status_code == 200
+        assert pending.json()["status"] == "PENDING"
+        assert pending.headers["retry-after"] == "1"
+        async with running(b.app):
+            done = await wait_status(client, url, "SUCCEEDED")
+        assert done["result"] == {"square": 144}
+        assert done["progress"] == 1.0
+        assert done["error"] is None
+        assert done["finished_at"] is not None
+        final = await client.get(url)
+        assert "retry-after" not in final.headers
+
+
+async def test_progress_is_visible_and_delete_cancels(store: str, tmp_path: Path) -> None:
+    """While the handler runs GET shows RUNNING with its progress and note;
+    DELETE cancels it, the handler sees cancelled() and its result is not
+    recorded; a second DELETE answers the cancelled record again."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        posted = await client.post("/jobs/slow", json={"n": 3})
+        url = posted.headers["location"]
+        async with running(b.app):
+            await eventually(b.controls.started.is_set, timeout=20, what="job started")
+            status = (await client.get(url)).json()
+            assert status["status"] == "RUNNING"
+            assert status["progress"] == 0.5
+            assert status["note"] == "halfway"
+            cancelled = await client.delete(url)
+            assert cancelled.status_code == 202
+            assert cancelled.json()["status"] == "CANCELLED"
+            await eventually(b.controls.saw_cancel.is_set, timeout=20, what="handler saw cancel")
+        final = (await client.get(url)).json()
+        assert final["status"] == "CANCELLED"
+        assert final["result"] is None
+        again = await client.delete(url)
+        assert again.status_code == 202
+        assert again.json()["status"] == "CANCELLED"
+
+
+async def test_fails_after_retries_and_on_permanent_error(store: str, tmp_path: Path) -> None:
+    """A job whose handler keeps failing is FAILED after its retry policy's
+    attempts (3); one raising PermanentError is FAILED after one attempt."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        flaky = (await client.post("/jobs/flaky", json={"n": 1})).json()
+        doomed = (await client.post("/jobs/doomed", json={"n": 1})).json()
+        async with running(b.app):
+            failed = await wait_status(client, flaky["status_url"], "FAILED")
+            permanent = await wait_status(client, doomed["status_url"], "FAILED")
+        assert failed["error"] == "RuntimeError: attempt 3 failed"
+        assert b.controls.attempts[flaky["id"]] == 3
+        assert permanent["error"] == "PermanentError: cannot be done"
+        assert b.controls.attempts[doomed["id"]] == 1
+
+
+async def test_delete_of_a_finished_job_is_409(store: str, tmp_path: Path) -> None:
+    """DELETE on a job that already succeeded answers 409 and leaves it so."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        url = (await client.post("/jobs/square", json={"n": 2})).headers["location"]
+        async with running(b.app):
+            await wait_status(client, url, "SUCCEEDED")
+        refused = await client.delete(url)
+        assert refused.status_code == 409
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert (await client.get(url)).json()["status"] == "SUCCEEDED"
+
+
+async def test_cancel_before_it_runs(store: str, tmp_path: Path) -> None:
+    """A job cancelled while PENDING never runs its handler and stays CANCELLED."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        url = (await client.post("/jobs/slow", json={"n": 2})).headers["location"]
+        assert (await client.delete(url)).json()["status"] == "CANCELLED"
+        async with running(b.app):
+            await eventually(lambda: _settled(b), timeout=20, what="the job's message handled")
+        assert not b.controls.started.is_set()
+        assert (await client.get(url)).json()["status"] == "CANCELLED"
+
+
+async def _settled(b: Built) -> bool:
+    stats = await b.app.broker.stats()
+    return all(s.ready + s.in_flight + s.delayed == 0 for s in stats) and not await _outbox(b)
+
+
+async def _outbox(b: Built) -> int:
+    store = b.jobs.store
+    if isinstance(store, RedisJobStore):
+        return int(await store.client.zcard(f"conveyor:{{{store.namespace}}}:jobs-outbox"))
+    return 0
+
+
+async def test_results_expire_after_their_ttl(store: str, tmp_path: Path) -> None:
+    """A finished job answers until its kind's TTL (180 s) has passed since it
+    finished, then 404; pruning removes the record."""
+    clock = FakeClock()
+    async with built_on(store, tmp_path, clock=clock) as b, b.client() as client:
+        url = (await client.post("/jobs/square", json={"n": 5})).headers["location"]
+        async with running(b.app):
+            await wait_status(client, url, "SUCCEEDED")
+        clock.advance(179)
+        assert (await client.get(url)).status_code == 200
+        clock.advance(2)
+        gone = await client.get(url)
+        assert gone.status_code == 404
+        assert gone.json()["status"] == 404
+        await b.jobs.store.prune()
+        assert await b.jobs.store.get(url.rsplit("/", 1)[1]) is None
+
+
+async def test_idempotency_key_replays_and_conflicts(store: str, tmp_path: Path) -> None:
+    """Same key and body: the original response, byte for byte, and one job;
+    same key, other body: 422; original still being created: 409."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        headers = {"Idempotency-Key": "order-1"}
+        first = await client.post("/jobs/square", json={"n": 4, "label": "x"}, headers=headers)
+        again = await client.post(
+            "/jobs/square",
+            content=b'{"label": "x",  "n": 4}',
+            headers={**headers, "content-type": "application/json"},
+        )
+        assert first.status_code == again.status_code == 202
+        assert again.content == first.content
+        assert again.headers["location"] == first.headers["location"]
+        other = await client.post("/jobs/square", json={"n": 5}, headers=headers)
+        assert other.status_code == 422
+        assert "different request body" in other.json()["detail"]
+        claim = await b.jobs.store.begin_idempotent(
+            "", "order-2", "fingerprint-of-another-request", lease=30, keep=3600
+        )
+        assert claim is None
+        busy = await client.post(
+            "/jobs/square", json={"n": 6}, headers={"Idempotency-Key": "order-2"}
+        )
+        assert busy.status_code == 422  # another body: the fingerprint differs
+        from conveyor.http._jobs import fingerprint
+
+        await b.jobs.store.release_idempotent("", "order-2")
+        body = b'{"n":6}'
+        await b.jobs.store.begin_idempotent(
+            "", "order-2", fingerprint("square", body), lease=30, keep=3600
+        )
+        in_flight = await client.post(
+            "/jobs/square",
+            content=body,
+            headers={"Idempotency-Key": "order-2", "content-type": "application/json"},
+        )
+        assert in_flight.status_code == 409
+        assert in_flight.headers["content-type"] == "application/problem+json"
+
+
+async def test_idempotency_lease_frees_a_crashed_request(store: str, tmp_path: Path) -> None:
+    """A key whose original request died while creating (its lease ran out)
+    is taken over by the next request with the same key and body."""
+    clock = FakeClock()
+    async with built_on(store, tmp_path, clock=clock) as b, b.client() as client:
+        from conveyor.http._jobs import fingerprint
+
+        body = b'{"n":7}'
+        await b.jobs.store.begin_idempotent(
+            "", "k", fingerprint("square", body), lease=30, keep=3600
+        )
+        headers = {"Idempotency-Key": "k", "content-type": "application/json"}
+        assert (await client.post("/jobs/square", content=body, headers=headers)).status_code == 409
+        clock.advance(31)
+        taken = await client.post("/jobs/square", content=body, headers=headers)
+        assert taken.status_code == 202
+        replay = await client.post("/jobs/square", content=body, headers=headers)
+        assert replay.content == taken.content
+
+
+async def test_readyz_is_503_when_the_job_store_is_down(tmp_path: Path) -> None:
+    """A Redis job store on a closed port makes /readyz 503 (with Retry-After)
+    while /healthz stays 200."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = build(settings_for("bound", tmp_path), store=RedisJobStore(f"redis://127.0.0.1:{port}/0"))
+    try:
+        async with b.client() as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.headers["content-type"] == "application/problem+json"
+            assert "retry-after" in ready.headers
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await b.app.close()
+        await b.jobs.store.close()
+
+
+async def test_rate_limit_is_shared_through_redis(tmp_path: Path) -> None:
+    """Two API instances (replicas) sharing a Redis limit grant 3 requests in
+    all per key, then 429 with Retry-After and RateLimit headers."""
+    redis_url = namespaced(REDIS_URL)
+    first = build(
+        settings_for("bound", tmp_path / "a"), rate_limit="3/min", rate_burst=3, redis_url=redis_url
+    )
+    second = build(
+        settings_for("bound", tmp_path / "b"), rate_limit="3/min", rate_burst=3, redis_url=redis_url
+    )
+    try:
+        async with first.client() as one, second.client() as two:
+            codes = [
+                (await one.post("/jobs/square", json={"n": 1})).status_code,
+                (await two.post("/jobs/square", json={"n": 1})).status_code,
+                (await one.get("/jobs/square/x")).status_code,
+            ]
+            assert codes == [202, 202, 404]
+            limited = await two.post("/jobs/square", json={"n": 1})
+            assert limited.status_code == 429
+            assert int(limited.headers["retry-after"]) >= 1
+            assert limited.headers["ratelimit-policy"] == '"default";q=3;w=60'
+            assert limited.headers["ratelimit"].startswith('"default";r=0;t=')
+            assert limited.json()["status"] == 429
+    finally:
+        for b in (first, second):
+            await b.app.close()
