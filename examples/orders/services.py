@@ -22,6 +22,7 @@ payment is keyed by a transaction id, so nothing is charged twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import weakref
@@ -31,6 +32,8 @@ from dataclasses import dataclass, replace
 import pydantic
 
 from conveyor import App, CircuitBreaker, ConfigError, Context, RetryPolicy, Session, Settings
+from conveyor.errors import UnknownEndpoint
+from conveyor.http import Webhooks
 from conveyor.messages import uuid7
 from conveyor.sagas import Saga, SagaEvent, SagaRecord, Sagas, Step, StepFailed
 
@@ -52,8 +55,11 @@ __all__ = [
     "create_app",
     "create_schema",
     "order_saga",
+    "order_view",
     "place_order",
+    "place_order_in",
     "sagas_of",
+    "webhooks_of",
     "state_counts",
     "stock_levels",
 ]
@@ -90,6 +96,7 @@ SCHEMA = (
         state TEXT NOT NULL,
         rank INTEGER NOT NULL,
         reason TEXT NOT NULL DEFAULT '',
+        callback TEXT NOT NULL DEFAULT '',
         created_at DOUBLE PRECISION NOT NULL,
         updated_at DOUBLE PRECISION NOT NULL
     )""",
@@ -228,11 +235,48 @@ ORDER_SAGA = order_saga()
 # The order state each step's success moves to.
 _AFTER_STEP = {"reserve": RESERVED, "charge": PAID, "ship": SHIPPED, "deliver": DELIVERED}
 _SAGAS: weakref.WeakKeyDictionary[App, Sagas] = weakref.WeakKeyDictionary()
+_WEBHOOKS: weakref.WeakKeyDictionary[App, Webhooks] = weakref.WeakKeyDictionary()
 
 
 def sagas_of(app: App) -> Sagas:
     """The saga orchestrator ``create_app`` attached to ``app``."""
     return _SAGAS[app]
+
+
+def webhooks_of(app: App) -> Webhooks | None:
+    """The webhooks ``create_app(webhook_allow=...)`` attached to ``app``."""
+    return _WEBHOOKS.get(app)
+
+
+async def order_view(s: Session, order_id: str) -> dict[str, object] | None:
+    """An order as the HTTP front and its webhooks show it."""
+    row = await s.fetchone(
+        "SELECT id, sku, qty, amount, state, reason, created_at, updated_at "
+        "FROM orders WHERE id = ?",
+        (order_id,),
+    )
+    if row is None:
+        return None
+    keys = ("id", "sku", "qty", "amount", "state", "reason", "created_at", "updated_at")
+    return dict(zip(keys, row, strict=True))
+
+
+async def _announce(s: Session, webhooks: Webhooks, order_id: str) -> None:
+    """Queue the ``order.<state>`` webhook of an order placed with a callback."""
+    row = await s.fetchone("SELECT callback FROM orders WHERE id = ?", (order_id,))
+    if row is None or not row[0]:
+        return
+    view = await order_view(s, order_id)
+    assert view is not None
+    # An endpoint removed or disabled (410) meanwhile: the order goes on.
+    with contextlib.suppress(UnknownEndpoint):
+        await webhooks.enqueue(
+            s,
+            owner="",
+            url=str(row[0]),
+            event_type=f"order.{str(view['state']).lower()}",
+            data=view,
+        )
 
 
 async def create_schema(app: App) -> None:
@@ -250,22 +294,34 @@ async def place_order(
     qty: int,
     amount: int,
     duplicate: bool = False,
+    callback: str = "",
 ) -> None:
     """Accept an order: the CREATED row and the saga's first command commit
     together. The saga id is the order id, so ``duplicate`` (placing it a
-    second time, as a retrying client would) starts nothing new.
+    second time, as a retrying client would) starts nothing new. With
+    ``callback`` (a registered webhook endpoint) every state change is
+    posted there.
     """
-    order = OrderEvent(order_id=order_id, sku=sku, qty=qty, amount=amount)
-    sagas = sagas_of(app)
-    now = time.time()
     async with app.transaction() as s:
-        await s.execute(
-            "INSERT INTO orders (id, sku, qty, amount, state, rank, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (order_id, sku, qty, amount, CREATED, _RANK[CREATED], now, now),
+        await place_order_in(
+            s, app, order_id=order_id, sku=sku, qty=qty, amount=amount, callback=callback
         )
-        for _ in range(2 if duplicate else 1):
-            await sagas.start(s, "order", order, saga_id=order_id)
+        if duplicate:
+            await sagas_of(app).start(s, "order", {}, saga_id=order_id)
+
+
+async def place_order_in(
+    s: Session, app: App, *, order_id: str, sku: str, qty: int, amount: int, callback: str = ""
+) -> None:
+    """``place_order`` inside the caller's transaction ``s``."""
+    order = OrderEvent(order_id=order_id, sku=sku, qty=qty, amount=amount)
+    now = time.time()
+    await s.execute(
+        "INSERT INTO orders (id, sku, qty, amount, state, rank, callback, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (order_id, sku, qty, amount, CREATED, _RANK[CREATED], callback, now, now),
+    )
+    await sagas_of(app).start(s, "order", order, saga_id=order_id)
 
 
 async def state_counts(s: Session) -> dict[str, int]:
@@ -293,6 +349,7 @@ def create_app(
     payment_breakers: Sequence[CircuitBreaker] = (),
     payment_timeout: float | None = PAYMENT_TIMEOUT,
     orchestrator_concurrency: int = 1,
+    webhook_allow: Sequence[str] | None = None,
 ) -> App:
     """An ``App`` with the handlers of ``services`` (default: all four), each
     service its own consumer groups; "orders" is the saga's orchestrator.
@@ -300,6 +357,9 @@ def create_app(
     caller flips to take the payment provider down; ``payment_breakers``
     guard the payment handlers (their consumers pause while one is open);
     ``payment_timeout`` (seconds, None for none) bounds the wait for a charge.
+    With ``webhook_allow`` (the SSRF allow-list, possibly empty) the app
+    delivers an ``order.<state>`` webhook on every state change of an order
+    placed with a callback (``webhooks_of(app)``).
     """
     chosen = set(services)
     unknown = chosen - set(SERVICES)
@@ -312,6 +372,14 @@ def create_app(
     app = App("orders", settings=settings)
     sagas = Sagas(app, concurrency=orchestrator_concurrency, retry=retry)
     _SAGAS[app] = sagas
+    webhooks = None
+    if webhook_allow is not None:
+        webhooks = _WEBHOOKS[app] = Webhooks(app, allow=webhook_allow)
+
+        @app.on_connect
+        async def webhook_tables(app: App) -> None:
+            async with app.transaction() as s:
+                await webhooks.create_tables(s)
 
     def chance(rate: float) -> bool:
         return rate > 0 and rng.random() < rate
@@ -338,11 +406,13 @@ def create_app(
                 state, reason = CANCELLED, record.error
             else:
                 continue
-            await session.execute(
+            moved = await session.execute(
                 "UPDATE orders SET state = ?, rank = ?, reason = ?, updated_at = ? "
                 "WHERE id = ? AND rank < ?",
                 (state, _RANK[state], reason, time.time(), record.id, _RANK[state]),
             )
+            if moved and webhooks is not None:
+                await _announce(session, webhooks, record.id)
         if isinstance(session, Context):  # a worker's transaction, not the client's
             after(session, "the orders service")
 

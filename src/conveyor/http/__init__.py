@@ -1,7 +1,7 @@
 """The asynchronous request-reply HTTP API: job kinds, their stores and the
 ASGI app (``JobAPI``). See docs/http.md."""
 
-from conveyor.http._app import JobAPI, Problem
+from conveyor.http._app import JobAPI, Problem, problem_api, problem_response
 from conveyor.http._jobs import (
     CANCELLED,
     FAILED,
@@ -40,4 +40,6 @@ __all__ = [
     "StoredResponse",
     "Webhooks",
     "create_api_key",
+    "problem_api",
+    "problem_response",
 ]

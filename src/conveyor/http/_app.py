@@ -150,6 +150,7 @@ def problem_response(
     headers: dict[str, str] | None = None,
     errors: list[dict[str, object]] | None = None,
 ) -> Response:
+    """An ``application/problem+json`` response (RFC 9457)."""
     body: dict[str, object] = {
         "type": "about:blank",
         "title": _TITLES.get(status, "Error"),
@@ -409,15 +410,7 @@ class JobAPI:
             ) from None
 
     def _build(self, title: str) -> FastAPI:
-        api = FastAPI(
-            title=title,
-            lifespan=self._lifespan,
-            docs_url=None,
-            redoc_url=None,
-        )
-        api.add_exception_handler(HTTPException, self._on_http_error)  # type: ignore[arg-type]
-        api.add_exception_handler(RequestValidationError, self._on_invalid)  # type: ignore[arg-type]
-        api.add_exception_handler(ConveyorError, self._on_conveyor_error)  # type: ignore[arg-type]
+        api = problem_api(title, lifespan=self._lifespan, retry_after=self.retry_after)
 
         async def authorized(request: Request) -> str:
             owner = await self._owner(request)
@@ -454,14 +447,6 @@ class JobAPI:
                 ) from None
             return {"status": "ready"}
 
-        original = api.openapi
-
-        def openapi() -> dict[str, Any]:
-            if api.openapi_schema is None:
-                api.openapi_schema = _problem_schemas(original())
-            return api.openapi_schema
-
-        api.openapi = openapi  # type: ignore[method-assign]
         return api
 
     def _routes(
@@ -667,7 +652,21 @@ class JobAPI:
                 raise _Problem(404, f"no webhook endpoint {endpoint_id!r}")
             return Response(status_code=204)
 
-    async def _on_http_error(self, request: Request, exc: HTTPException) -> Response:
+
+def problem_api(
+    title: str,
+    *,
+    lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
+    retry_after: int = 1,
+) -> FastAPI:
+    """A FastAPI app whose every error is an RFC 9457 problem body (also in
+    its OpenAPI schema): unknown routes and methods, invalid requests (422
+    with the fields), ``ConfigError``/``WebhookError`` (422),
+    ``UnknownEndpoint`` (404) and any other ``ConveyorError`` (503 with
+    ``Retry-After``). The job API is built on it; so can your own routes."""
+    api = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
         errors = exc.errors if isinstance(exc, _Problem) else None
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and not isinstance(exc, _Problem):
@@ -678,7 +677,7 @@ class JobAPI:
             exc.status_code, detail, headers=dict(exc.headers or {}), errors=errors
         )
 
-    async def _on_invalid(self, request: Request, exc: RequestValidationError) -> Response:
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         errors: list[dict[str, object]] = [
             {"loc": [p for p in e.get("loc", ()) if isinstance(p, str | int)], "msg": e["msg"]}
             for e in exc.errors()
@@ -686,7 +685,7 @@ class JobAPI:
         fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors)  # type: ignore[attr-defined]
         return problem_response(422, f"invalid request: {fields}", errors=errors)
 
-    async def _on_conveyor_error(self, request: Request, exc: ConveyorError) -> Response:
+    async def on_conveyor_error(request: Request, exc: ConveyorError) -> Response:
         if isinstance(exc, UnknownEndpoint):
             return problem_response(404, str(exc))
         if isinstance(exc, ConfigError | WebhookError):
@@ -699,8 +698,21 @@ class JobAPI:
             extra={"event": "conveyor.http_error"},
         )
         return problem_response(
-            503, f"a dependency failed: {exc}", headers={"Retry-After": str(self.retry_after)}
+            503, f"a dependency failed: {exc}", headers={"Retry-After": str(retry_after)}
         )
+
+    api.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
+    api.add_exception_handler(RequestValidationError, on_invalid)  # type: ignore[arg-type]
+    api.add_exception_handler(ConveyorError, on_conveyor_error)  # type: ignore[arg-type]
+    original = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = _problem_schemas(original())
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+    return api
 
 
 def _annotate(func: Callable[..., object], param: str, annotation: object) -> None:

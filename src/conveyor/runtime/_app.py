@@ -153,7 +153,8 @@ class App:
         self, hook: Callable[[App], Awaitable[None]]
     ) -> Callable[[App], Awaitable[None]]:
         """Run ``await hook(app)`` each time the app connects, after the store
-        is open (create tables here); hooks must be idempotent."""
+        is open (create tables here, with ``app.transaction()``); hooks must
+        be idempotent."""
         self._on_connect.append(hook)
         return hook
 
@@ -183,11 +184,16 @@ class App:
             return
         await self.broker.connect()
         await self.store.connect()
-        for hook in self._on_connect:
-            await hook(self)
-        for h in self.handlers:
-            await self.broker.declare(h.topic, h.group)
+        # Connected from here on, so that hooks may use transaction().
         self._connected = True
+        try:
+            for hook in self._on_connect:
+                await hook(self)
+            for h in self.handlers:
+                await self.broker.declare(h.topic, h.group)
+        except BaseException:
+            self._connected = False
+            raise
 
     async def close(self) -> None:
         if self._broker is not None:
