@@ -235,3 +235,37 @@ def test_bench_without_a_subcommand_is_the_embedded_benchmark(tmp_path: Path) ->
     results = json.loads(out.read_text())
     assert results["uow"] > 0
     assert results["raw_uow"] > 0
+
+
+def test_keys_create_prints_a_key_that_authenticates_and_is_stored_hashed(
+    tmp_path: Path,
+) -> None:
+    """`conveyor keys create NAME` prints a secret once; the store holds only
+    its hash, and the secret authenticates as NAME."""
+    import asyncio
+    import sqlite3
+
+    from conveyor import App, Settings
+    from conveyor.http import ApiKeys
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    secret = cli("keys", "create", "billing", "--broker", url, cwd=tmp_path).stdout.strip()
+    assert len(secret) > 32
+    conn = sqlite3.connect(tmp_path / "keys.db")
+    try:
+        stored = conn.execute("SELECT name, key_hash FROM conveyor_api_keys").fetchall()
+    finally:
+        conn.close()
+    assert [name for name, _ in stored] == ["billing"]
+    assert secret not in {digest for _, digest in stored}
+
+    async def authenticate(value: str) -> str | None:
+        async with App("check", settings=Settings(broker_url=url)) as app:
+            key = await ApiKeys(app).authenticate(value)
+        return None if key is None else key.name
+
+    assert asyncio.run(authenticate(secret)) == "billing"
+    assert asyncio.run(authenticate(secret + "x")) is None
+    refused = cli("keys", "create", "", "--broker", url, cwd=tmp_path, check=False)
+    assert refused.returncode == 1
+    assert "must be 1 to 200 characters" in refused.stderr
