@@ -114,7 +114,9 @@ def own_service(tmp_path: Path) -> Iterator[Running]:
 
 
 class _Tally(httpx.AsyncHTTPTransport):
-    """Counts which replica answered each request, per phase of the test."""
+    """Counts which replica answered each request, by the phase of the test
+    in which the request was sent (an answer r2 sent just before its kill may
+    arrive after it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,9 +124,10 @@ class _Tally(httpx.AsyncHTTPTransport):
         self.replicas: dict[str, Counter[str]] = {"before": Counter(), "after": Counter()}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        phase = self.phase
         response = await super().handle_async_request(request)
         # nginx's own error pages (a 502) name no replica.
-        self.replicas[self.phase][response.headers.get(REPLICA_HEADER, "nginx")] += 1
+        self.replicas[phase][response.headers.get(REPLICA_HEADER, "nginx")] += 1
         return response
 
 
