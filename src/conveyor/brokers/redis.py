@@ -53,12 +53,10 @@ import asyncio
 import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -68,9 +66,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from conveyor._redis import RedisConfig, redact
+from conveyor._redis import client as redis_client
 from conveyor._time import Clock
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
-from conveyor.errors import BrokerError, ConfigError
+from conveyor.errors import BrokerError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RedisBroker"]
@@ -83,8 +83,6 @@ _GROUP = "conveyor"
 # Leases are tracked in our own ZSET, so every client reads as one consumer:
 # no consumer list grows with every process that ever ran.
 _CONSUMER = "conveyor"
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_OPTIONS = ("namespace", "password", "socket_timeout", "connect_timeout", "retry_for")
 _BACKOFF_CAP = 2.0
 _MOVE_LIMIT = 1000
 _WAIT_SLICE = 1.0
@@ -392,76 +390,6 @@ return rows
 )
 
 
-def _option(query: dict[str, list[str]], name: str, default: float, url: str) -> float:
-    raw = query.get(name, [str(default)])[-1]
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"invalid {name}={raw!r} in Redis URL {url!r}: expected seconds > 0")
-    return value
-
-
-class _Config:
-    __slots__ = (
-        "connect_timeout",
-        "db",
-        "host",
-        "namespace",
-        "password",
-        "port",
-        "retry_for",
-        "socket_timeout",
-        "username",
-    )
-
-    def __init__(self, url: str) -> None:
-        safe = _redact(url)
-        try:
-            parts = urlsplit(url)
-            port = parts.port or 6379
-        except ValueError as exc:
-            raise ConfigError(f"invalid Redis URL {safe!r}: {exc}") from None
-        if parts.scheme != "redis":
-            raise ConfigError(f"not a Redis URL: {safe!r} (expected redis://host:port/db)")
-        if not parts.hostname:
-            raise ConfigError(f"invalid Redis URL {safe!r}: no host (redis://127.0.0.1:6379/0)")
-        path = parts.path.strip("/") or "0"
-        if not path.isdigit():
-            raise ConfigError(f"invalid Redis URL {safe!r}: database {path!r} is not a number")
-        query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = sorted(set(query) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} in Redis URL {safe!r}; "
-                f"known: {', '.join(_OPTIONS)}"
-            )
-        namespace = query.get("namespace", ["default"])[-1]
-        if not _NAMESPACE.match(namespace):
-            raise ConfigError(
-                f"invalid namespace={namespace!r} in Redis URL {safe!r}: "
-                "use 1-100 letters, digits, '_', '.' or '-'"
-            )
-        self.host = parts.hostname
-        self.port = port
-        self.db = int(path)
-        self.namespace = namespace
-        self.username = unquote(parts.username) if parts.username else None
-        password = query.get("password", [None])[-1]
-        if password is None and parts.password is not None:
-            password = unquote(parts.password)
-        self.password = password
-        self.socket_timeout = _option(query, "socket_timeout", 5.0, safe)
-        self.connect_timeout = _option(query, "connect_timeout", 5.0, safe)
-        self.retry_for = _option(query, "retry_for", 30.0, safe)
-
-
-def _redact(url: str) -> str:
-    url = re.sub(r"(password=)[^&]*", r"\1***", url)
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
 def _qkey(prefix: str, kind: str, topic: str, group: str) -> str:
     # Byte length, as Lua's '#' counts it: topic "a:b"/group "c" and topic
     # "a"/group "b:c" must not share a key.
@@ -551,7 +479,7 @@ class RedisBroker:
 
     def __init__(self, url: str, *, clock: Clock | None = None) -> None:
         self.url = url
-        self._config = _Config(url)
+        self._config = RedisConfig(url)
         self.namespace = self._config.namespace
         self._prefix = f"conveyor:{{{self.namespace}}}:"
         self.client_name = f"conveyor:{self.namespace}:{uuid.uuid4().hex[:12]}"
@@ -565,14 +493,8 @@ class RedisBroker:
         if self._redis is not None:
             return
         c = self._config
-        client = aioredis.Redis(
-            host=c.host,
-            port=c.port,
-            db=c.db,
-            username=c.username,
-            password=c.password,
-            socket_timeout=c.socket_timeout,
-            socket_connect_timeout=c.connect_timeout,
+        client = redis_client(
+            c,
             client_name=self.client_name,
             # Reconnection is ours (_run): backoff capped, bounded by retry_for.
             retry=Retry(NoBackoff(), 0),
@@ -610,7 +532,7 @@ class RedisBroker:
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
-            raise BrokerError(f"Redis broker {_redact(self.url)} is not connected")
+            raise BrokerError(f"Redis broker {redact(self.url)} is not connected")
         return self._redis
 
     async def _run(self, what: str, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
@@ -650,7 +572,7 @@ class RedisBroker:
     ) -> object:
         script = self._scripts.get(name)
         if script is None:
-            raise BrokerError(f"Redis broker {_redact(self.url)} is not connected")
+            raise BrokerError(f"Redis broker {redact(self.url)} is not connected")
 
         async def call(_: aioredis.Redis) -> object:
             result: object = await script(keys=list(keys), args=list(args))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.table import Table
 
+from conveyor.cli._main import _when
 from conveyor.errors import ConfigError
 from conveyor.sagas import (
     STATES,
@@ -143,10 +143,6 @@ def _span(value: float) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours}h"
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _short(text: str, width: int = 60) -> str:

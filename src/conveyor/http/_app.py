@@ -19,7 +19,6 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import timedelta
 from typing import Any
-from urllib.parse import parse_qsl
 
 import pydantic
 from fastapi import Depends, FastAPI, Header, Request
@@ -265,13 +264,14 @@ class JobAPI:
             self._policy = f'"default";q={max(1, round(rate))};w={max(1, round(per))}'
             if limiter is None:
                 if redis_url is not None:
+                    from conveyor._redis import RedisConfig
+                    from conveyor._redis import client as redis_client
                     from conveyor.resilience.redis_limiter import RedisRateLimiter
 
-                    base, _, query = redis_url.partition("?")
-                    namespace = dict(parse_qsl(query)).get("namespace", "default")
+                    config = RedisConfig(redis_url)
                     self._limiter = RedisRateLimiter(
-                        base,
-                        f"conveyor-http:{namespace}",
+                        redis_client(config),
+                        f"conveyor-http:{config.namespace}",
                         rate,
                         per,
                         burst=rate_burst,

@@ -30,10 +30,11 @@ import json
 import math
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+from conveyor._redis import RedisConfig
+from conveyor._redis import client as redis_client
 from conveyor._time import Clock, SystemClock
-from conveyor.errors import BrokerError, ConfigError, StoreError
+from conveyor.errors import BrokerError, StoreError
 from conveyor.http._jobs import (
     CANCELLED,
     SUCCEEDED,
@@ -156,20 +157,14 @@ class RedisJobStore:
     def __init__(
         self, url: str, *, clock: Clock | None = None, lease: float = 30.0, batch: int = 256
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"not a Redis URL: {url!r} (expected redis://host:port/db)")
-        query = parse_qs(parts.query)
-        namespace = query.pop("namespace", ["default"])[-1]
-        if query:
-            raise ConfigError(f"unknown option(s) {', '.join(sorted(query))} in {url!r}")
+        self._config = RedisConfig(url)
+        namespace = self._config.namespace
         self.url = url
         self.namespace = namespace
         self.clock: Clock = clock or SystemClock()
         self.lease = lease
         self.batch = batch
         self._prefix = f"conveyor:{{{namespace}}}:"
-        self._client_url = parts._replace(query="").geturl()
         self._client: aioredis.Redis | None = None
         self._app: App | None = None
         self._scripts: dict[str, Any] = {}
@@ -177,9 +172,7 @@ class RedisJobStore:
     @property
     def client(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self._client_url, socket_connect_timeout=2.0, socket_timeout=5.0
-            )
+            self._client = redis_client(self._config)
             for name, source in (
                 ("accept", _ACCEPT),
                 ("begin", _BEGIN),

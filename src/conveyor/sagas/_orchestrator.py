@@ -205,8 +205,6 @@ class Sagas:
         commits. Starting an id that already exists changes nothing and returns it."""
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
         sid = saga_id or uuid7()
-        if saga_id is not None and await load_saga(session.tx, sid) is not None:
-            return sid
         turn = _Turn(definition, _blank(sid), self.app.clock.time(), None)
         turn.emit(
             "started",
@@ -216,8 +214,8 @@ class Sagas:
             steps=[s.name for s in definition.steps],
         )
         self._advance(turn)
-        # The check above misses a start of this id that has not committed
-        # yet: the insert then waits for it and writes nothing.
+        # An id that exists (or that a concurrent start has inserted and not
+        # yet committed: the insert waits for it) gets nothing written or sent.
         if not await insert_saga(session.tx, turn.record, turn.events):
             return sid
         await session.send(turn.messages)
