@@ -1,6 +1,6 @@
 """Orchestrated sagas on PostgreSQL, on the real clock: the PostgreSQL broker
 bound to its store (one transaction per unit of work), and a Redis broker in
-front of a PostgreSQL store (outbox relay, broker-side delays for timers)."""
+front of a PostgreSQL store (outbox relay; deadlines scanned from the saga rows)."""
 
 from __future__ import annotations
 
