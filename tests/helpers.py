@@ -1,38 +1,15 @@
-"""Shared test helpers: wait on a condition with a deadline, never a fixed sleep."""
+"""Shared test helpers beside the shipped ones in ``conveyor.testing``."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from conveyor import App, Settings, Worker
+from conveyor import App, Settings
 from conveyor.store.sqlite import SqliteStore
-
-
-async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    *,
-    timeout: float = 10.0,
-    interval: float = 0.01,
-    what: str = "condition",
-) -> None:
-    """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 def wait_until(
@@ -70,41 +47,11 @@ def settings_for(path: str, tmp_path: Path, **options: Any) -> Settings:
     raise ValueError(f"unknown runtime path {path!r}")
 
 
-@contextlib.asynccontextmanager
-async def running(app: App, *, grace_period: float | None = None) -> AsyncIterator[Worker]:
-    """Run a worker of ``app`` for the block, then stop it and wait for it."""
-    worker = app.worker(grace_period=grace_period)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
-
-
 def store_rows(app: App, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
     """Committed-or-current rows of the app's SQLite store."""
     store = app.store
     assert isinstance(store, SqliteStore)
     return store.db.read(sql, params)
-
-
-async def pending(app: App, topic: str | None = None) -> int:
-    """Messages not yet acknowledged (ready, in flight or delayed), plus, on the
-    generic path, outbox rows not yet relayed to the broker."""
-    stats = await app.broker.stats()
-    count = sum(
-        s.ready + s.in_flight + s.delayed for s in stats if topic is None or s.topic == topic
-    )
-    if app.broker.url != app.store.url:
-        (outbox,) = store_rows(app, "SELECT COUNT(*) FROM conveyor_outbox")
-        count += outbox[0]
-    return count
-
-
-async def drained(app: App, topic: str | None = None) -> bool:
-    """Whether nothing is pending (see ``pending``)."""
-    return await pending(app, topic) == 0
 
 
 async def queue_counts(app: App) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ from types import ModuleType
 
 from conveyor.errors import ConfigError
 
-__all__ = ["load_backend"]
+__all__ = ["load_backend", "missing_extra"]
 
 
 def load_backend(module: str, extra: str) -> ModuleType:
@@ -24,3 +24,15 @@ def load_backend(module: str, extra: str) -> ModuleType:
             f"{module.replace('.', ' ')} needs the {exc.name!r} package: "
             f"pip install 'conveyor[{extra}]'"
         ) from None
+
+
+def missing_extra(exc: ModuleNotFoundError, package: str, extra: str) -> ModuleNotFoundError:
+    """The error to raise when importing ``package`` failed on ``exc``: one
+    naming the extra that installs the missing module (``exc`` itself when
+    what is missing is part of Conveyor)."""
+    if exc.name is None or exc.name.startswith("conveyor"):
+        return exc
+    return ModuleNotFoundError(
+        f"{package} needs the {exc.name!r} package: pip install 'conveyor[{extra}]'",
+        name=exc.name,
+    )

@@ -15,9 +15,8 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 
-from examples.orders import Faults, create_app
-
 from conveyor import Context, RetryPolicy, Settings
+from conveyor.examples.orders import Faults, create_app
 
 URL = os.environ["SAGA_CRASH_URL"]
 SERVICES = tuple(os.environ.get("SAGA_CRASH_SERVICES", "orders").split(","))

@@ -16,7 +16,8 @@ import pytest
 from conveyor.runtime import App, replay_dead_letters
 from conveyor.settings import Settings
 from conveyor.store import DeadLetterFilter
-from tests.helpers import eventually, wait_until
+from conveyor.testing import eventually
+from tests.helpers import wait_until
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

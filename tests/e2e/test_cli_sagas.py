@@ -26,8 +26,8 @@ from conveyor.sagas import (
     StepFailed,
     saga_id_of,
 )
+from conveyor.testing import eventually, running
 from tests.e2e.test_cli import cli
-from tests.helpers import eventually, running
 
 STEPS = ("reserve", "charge", "ship")
 ORDERS = ("order-1", "order-2", "order-3", "order-4")

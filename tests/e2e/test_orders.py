@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from examples.orders import INVARIANTS, OrderEvent, check_invariants, create_app, create_schema
-from examples.orders.demo import DemoReport, Faults, run_demo
-from examples.orders.services import place_order, sagas_of
 from rich.console import Console
 
 from conveyor import App, ConfigError, Settings
-from tests.helpers import eventually
+from conveyor.examples.orders import (
+    INVARIANTS,
+    OrderEvent,
+    check_invariants,
+    create_app,
+    create_schema,
+)
+from conveyor.examples.orders.demo import DemoReport, Faults, run_demo
+from conveyor.examples.orders.services import place_order, sagas_of
+from conveyor.testing import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 

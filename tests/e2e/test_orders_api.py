@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import httpx
-from examples.orders.api import create_api
-from examples.orders.demo import PRODUCTS
-from examples.orders.services import Faults, create_app, create_schema
 
 from conveyor import App, Settings
 from conveyor.client import verify
-from tests.helpers import eventually, running
+from conveyor.examples.orders.api import create_api
+from conveyor.examples.orders.demo import PRODUCTS
+from conveyor.examples.orders.services import Faults, create_app, create_schema
+from conveyor.testing import eventually, running
 from tests.webhook_receiver import Receiver
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from examples.orders import check_invariants, create_app, create_schema, place_order
-from examples.orders.services import Faults, PaymentOutage, PaymentUnavailable
 
 from conveyor import App, CircuitBreaker, RetryPolicy, Settings
+from conveyor.examples.orders import check_invariants, create_app, create_schema, place_order
+from conveyor.examples.orders.services import Faults, PaymentOutage, PaymentUnavailable
 from conveyor.resilience import BreakerState, CountWindow
-from conveyor.testing import FakeClock
-from tests.helpers import eventually, running, store_rows
+from conveyor.testing import FakeClock, eventually, running
+from tests.helpers import store_rows
 
 # Few, fast attempts: without a breaker a 100% outage exhausts them in well
 # under a second.

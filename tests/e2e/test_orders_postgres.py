@@ -13,11 +13,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from examples.orders import INVARIANTS
-from examples.orders.demo import DemoReport, Faults, run_demo
 from rich.console import Console
 
 from conveyor import ConfigError
+from conveyor.examples.orders import INVARIANTS
+from conveyor.examples.orders.demo import DemoReport, Faults, run_demo
 from tests.namespaces import drop_all
 from tests.postgres import drop_namespace, drop_namespace_async
 from tests.servers import AMQP_URL, POSTGRES_URL, REDIS_URL, namespaced

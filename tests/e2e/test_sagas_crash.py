@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from examples.orders import check_invariants, create_app, create_schema, place_order
-from examples.orders.demo import PRODUCTS
 
 from conveyor import App, Settings
+from conveyor.examples.orders import check_invariants, create_app, create_schema, place_order
+from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.sagas import TERMINAL, list_sagas, load_events, rebuild
 from tests.helpers import wait_until
 

@@ -21,14 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from examples.sum_of_primes.balancer import REPLICA_HEADER, nginx_conf
-from examples.sum_of_primes.client import ROUTE, SumPrimeClient
-from examples.sum_of_primes.primes import MAX_B, MAX_SPAN, sum_of_primes
-from examples.sum_of_primes.service import ServiceConfig
-from examples.sum_of_primes.stack import Stack, drop_namespace
 
 from conveyor.client import AsyncClient, JobNotFound, JobRejected
-from tests.helpers import eventually, wait_until
+from conveyor.examples.sum_of_primes.balancer import REPLICA_HEADER, nginx_conf
+from conveyor.examples.sum_of_primes.client import ROUTE, SumPrimeClient
+from conveyor.examples.sum_of_primes.primes import MAX_B, MAX_SPAN, sum_of_primes
+from conveyor.examples.sum_of_primes.service import ServiceConfig
+from conveyor.examples.sum_of_primes.stack import Stack, drop_namespace
+from conveyor.testing import eventually
+from tests.helpers import wait_until
 from tests.nginx import Nginx, free_port, nginx_binary
 from tests.servers import REDIS_URL
 
@@ -313,9 +314,9 @@ async def test_finished_answer_expires_in_three_minutes(service: Running) -> Non
 
 
 def test_up_serves_the_demo_then_stops(tmp_path: Path) -> None:
-    """`python -m examples.sum_of_primes up --demo N` starts everything, prints N correct sums and exits 0."""
+    """`python -m conveyor.examples.sum_of_primes up --demo N` starts everything, prints N correct sums and exits 0."""
     nginx_binary()  # `up` finds nginx on the PATH; install it if missing
-    command = [sys.executable, "-m", "examples.sum_of_primes", "up", "--port", "0",
+    command = [sys.executable, "-m", "conveyor.examples.sum_of_primes", "up", "--port", "0",
                "--redis", REDIS_URL, "--demo", "5", "--seed", "7"]  # fmt: skip
     done = subprocess.run(
         command,

@@ -10,8 +10,8 @@ import pytest
 
 from conveyor import App, CircuitBreaker, RetryPolicy
 from conveyor.resilience import BreakerState, CountWindow
-from conveyor.testing import FakeClock
-from tests.helpers import PATHS, drained, eventually, pending, running, settings_for
+from conveyor.testing import FakeClock, drained, eventually, pending, running
+from tests.helpers import PATHS, settings_for
 
 
 class Down(Exception):
@@ -65,7 +65,7 @@ async def test_open_breaker_pauses_then_probes_one_message_at_a_time(
 
             healthy = True
             clock.advance(10)
-            await eventually(lambda: drained(app, "jobs"), what="backlog drained")
+            await drained(app, topic="jobs")
             assert breaker.state is BreakerState.CLOSED
         assert sorted(set(seen)) == list(range(20))
         assert breaker.rejections == 0

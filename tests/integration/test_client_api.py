@@ -20,7 +20,8 @@ import uvicorn
 from conveyor import App, PermanentError, RetryPolicy
 from conveyor.client import AsyncClient, Client, JobFailed, JobNotFound, verify
 from conveyor.http import JobAPI, JobContext, Jobs, Webhooks
-from tests.helpers import eventually, running, settings_for
+from conveyor.testing import eventually, running
+from tests.helpers import settings_for
 from tests.webhook_receiver import Receiver
 
 

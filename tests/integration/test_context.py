@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conveyor import App, Context, Message, Settings
 from conveyor.messages import CORRELATION_ID, TRACEPARENT
-from tests.helpers import eventually
+from conveyor.testing import eventually
 
 
 async def test_published_messages_carry_correlation_causation_and_trace(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from conveyor import Settings
 from conveyor.http.redis_jobs import RedisJobStore
-from conveyor.testing import FakeClock
-from tests.helpers import eventually, running, settings_for
+from conveyor.testing import FakeClock, eventually, running
+from tests.helpers import settings_for
 from tests.http_jobs import Built, build
 from tests.namespaces import drop_all
 from tests.servers import POSTGRES_URL, REDIS_URL, namespaced

@@ -27,7 +27,8 @@ from conveyor.brokers import Delivery, broker_from_url
 from conveyor.brokers.kafka import KafkaBroker
 from conveyor.errors import BrokerError, ConfigError
 from conveyor.settings import Settings
-from tests.helpers import eventually, running, wait_until
+from conveyor.testing import eventually, running
+from tests.helpers import wait_until
 from tests.servers import kafka_url, namespaced
 
 FAST = "session_timeout=2&heartbeat_interval=0.3"

@@ -21,7 +21,7 @@ from conveyor._postgres import translate
 from conveyor.brokers import broker_from_url
 from conveyor.messages import Message
 from conveyor.store import store_from_url
-from tests.helpers import eventually
+from conveyor.testing import eventually
 from tests.postgres import drop_namespace_async
 from tests.servers import POSTGRES_URL, namespaced
 

@@ -18,7 +18,7 @@ from conveyor.brokers import broker_from_url
 from conveyor.brokers._protocol import Delivery
 from conveyor.brokers.rabbitmq import RabbitMQBroker
 from conveyor.errors import BrokerError, ConfigError
-from tests.helpers import eventually, running
+from conveyor.testing import eventually, running
 from tests.rabbitmq_admin import close_connection_named, drop_namespaces, namespace_of
 from tests.servers import AMQP_URL, namespaced
 

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, settings
 from conveyor import CircuitBreaker, CircuitOpen
 from conveyor.resilience import BreakerState, CountWindow, TimeWindow
 from conveyor.resilience.redis_breaker import RedisCircuitBreaker
-from conveyor.testing import FakeClock
-from tests.helpers import eventually
+from conveyor.testing import FakeClock, eventually
 from tests.servers import REDIS_URL
 from tests.unit.test_breaker import Benign, BreakerMachine
 

@@ -23,7 +23,7 @@ from conveyor import Message
 from conveyor.brokers import broker_from_url
 from conveyor.brokers.redis import RedisBroker
 from conveyor.errors import BrokerError, ConfigError
-from tests.helpers import eventually
+from conveyor.testing import eventually
 from tests.servers import REDIS_URL, namespaced
 
 

@@ -17,7 +17,8 @@ from conveyor import App, Bulkhead, Context, Settings
 from conveyor.errors import RateLimited
 from conveyor.resilience import Limiter
 from conveyor.resilience.redis_limiter import RedisRateLimiter
-from tests.helpers import eventually, queue_counts
+from conveyor.testing import eventually
+from tests.helpers import queue_counts
 from tests.postgres import drop_namespace_async
 from tests.servers import POSTGRES_URL, REDIS_URL, namespaced
 

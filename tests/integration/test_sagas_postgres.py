@@ -24,7 +24,7 @@ from conveyor.sagas import (
     rebuild,
     saga_id_of,
 )
-from tests.helpers import drained, eventually, running
+from conveyor.testing import drained, eventually, running
 from tests.namespaces import drop_all
 from tests.servers import POSTGRES_URL, REDIS_URL, namespaced
 
@@ -266,7 +266,7 @@ async def test_two_transactions_starting_one_saga_id_start_one_saga() -> None:
             "order-5",
         ]
         await w.settles("order-5", COMPLETED)
-        await eventually(lambda: drained(w.app), what="every message handled")
+        await drained(w.app)
         # The second start sent nothing: no second command was answered.
         assert "ignored" not in [t for t, _ in await w.events("order-5")]
         assert await w.effects() == [f"order-5 {n}" for n in STEPS]

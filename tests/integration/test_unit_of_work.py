@@ -27,8 +27,8 @@ from conveyor.brokers._protocol import Broker, Capabilities, Delivery, QueueStat
 from conveyor.brokers.sqlite import _Binding
 from conveyor.errors import BrokerError
 from conveyor.store._protocol import Transaction
-from conveyor.testing import FakeClock
-from tests.helpers import PATHS, drained, eventually, pending, running, settings_for, store_rows
+from conveyor.testing import FakeClock, drained, eventually, pending, running
+from tests.helpers import PATHS, settings_for, store_rows
 
 GENERIC = ("memory", "split")
 
@@ -94,10 +94,10 @@ async def test_duplicate_delivery_applies_once_and_acks_every_copy(
         await app.broker.enqueue("apply", [message])
         async with running(app) as worker:
             await eventually(lambda: worker.processed == 3, what="three copies handled")
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
             await app.broker.publish([message])
             await eventually(lambda: worker.processed == 4, what="late copy handled")
-            await eventually(lambda: drained(app), what="queue drained again")
+            await drained(app)
         assert effects(app) == [(message.id, 1)]
 
 
@@ -133,7 +133,7 @@ async def test_crash_between_commit_and_ack_applies_nothing_twice(
             assert effects(app) == [(message.id, 1)]
             assert (await queue_stats(app, "work")).in_flight == 1
             clock.advance(31)
-            await eventually(lambda: drained(app), what="queues drained")
+            await drained(app)
             await eventually(lambda: len(forwarded) == 1, what="forwarded once")
         assert calls == [1]
         assert effects(app) == [(message.id, 1)]
@@ -175,7 +175,7 @@ async def test_failure_before_the_bound_commit_rolls_back_the_whole_batch(
         async with running(app):
             await eventually(lambda: acks >= 1, what="batch failed")
             # The clock never moves: nothing here waits for the 30 s lease.
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         assert calls[:5] == [(n, 1) for n in range(5)]
         assert calls[5:] == [(n, 2) for n in range(5)]
         assert effects(app) == sorted((m.id, 1) for m in sent)
@@ -208,7 +208,7 @@ async def test_handler_exception_leaks_no_write_and_no_message(path: str, tmp_pa
             assert sunk == []
             clock.advance(5.0)
             await eventually(lambda: len(sunk) == 1, what="downstream message handled")
-            await eventually(lambda: drained(app), what="queues drained")
+            await drained(app)
         assert effects(app) == [(message.id, 1)]
         assert [m.causation_id for m in sunk] == [message.id]
         assert await app.store.dead_letters() == []
@@ -253,7 +253,7 @@ async def test_middleware_runs_in_order_around_the_handler_and_sees_the_outcome(
         await create_effects(app)
         await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="first message handled")
+            await drained(app)
             assert events == [
                 "outer:before",
                 "middle:before",
@@ -265,7 +265,7 @@ async def test_middleware_runs_in_order_around_the_handler_and_sees_the_outcome(
             ]
             events.clear()
             await app.publish("work", {"n": 2})
-            await eventually(lambda: drained(app), what="second message handled")
+            await drained(app)
         assert events == [
             "outer:before",
             "middle:before",
@@ -309,7 +309,7 @@ async def test_retry_signal_redelivers_after_its_delay(path: str, tmp_path: Path
             assert attempts == [1]
             clock.advance(0.2)
             await eventually(lambda: attempts == [1, 2], what="redelivered")
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         assert effects(app) == [(message.id, 1)]
         assert await app.store.dead_letters() == []
 
@@ -333,7 +333,7 @@ async def test_dead_letter_signal_dead_letters_at_once_without_effects(
         await create_effects(app)
         message = await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert (dead.message.id, dead.group, dead.attempts) == (message.id, "apply", 1)
         assert dead.reason == "customer 42 does not exist"
@@ -363,7 +363,7 @@ async def test_skip_signal_acks_without_effects(path: str, tmp_path: Path) -> No
         await create_effects(app)
         await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         assert calls == [1]
         assert effects(app) == []
         assert store_rows(app, "SELECT COUNT(*) FROM conveyor_outbox") == [(0,)]
@@ -402,7 +402,7 @@ async def test_permanent_errors_are_dead_lettered_at_once(
         await create_effects(app)
         await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert calls == [1]
         assert dead.attempts == 1
@@ -432,7 +432,7 @@ async def test_undecodable_payload_is_dead_lettered_at_once(path: str, tmp_path:
         bad = await app.publish("orders", {"order_id": "not a number"})
         good = await app.publish("orders", Order(order_id=2, amount=9.5))
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert dead.message.id == bad.id
         assert dead.attempts == 1
@@ -463,7 +463,7 @@ async def test_retryable_error_is_dead_lettered_after_max_attempts(
         await create_effects(app)
         await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert calls == [1, 2, 3]
         assert dead.attempts == 3
@@ -486,7 +486,7 @@ async def test_retry_signal_on_the_last_attempt_dead_letters(path: str, tmp_path
     async with app:
         await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert calls == [1, 2]
         assert (dead.attempts, dead.error_type) == (2, "Retry")
@@ -519,7 +519,7 @@ async def test_handler_timeout_is_retried_then_dead_lettered(path: str, tmp_path
         await create_effects(app)
         message = await app.publish("work", {"n": 1})
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert calls == cancelled == [1, 2]
         assert dead.message.id == message.id
@@ -553,7 +553,7 @@ async def test_message_delivered_too_often_is_dead_lettered_as_undeliverable(
             assert {d.message.attempt for d in lost} == {attempt}
             clock.advance(11)
         async with running(app):
-            await eventually(lambda: drained(app), what="queue drained")
+            await drained(app)
         (dead,) = await app.store.dead_letters()
         assert calls == [(2, 3)]
         assert dead.message.id == lost_thrice.id

@@ -22,8 +22,8 @@ from conveyor.http import DeliveryAttempt, Endpoint, Webhooks
 from conveyor.http._webhooks import GROUP
 from conveyor.runtime._admin import replay_dead_letters
 from conveyor.store._protocol import DeadLetterFilter
-from conveyor.testing import FakeClock
-from tests.helpers import PATHS, eventually, running, settings_for
+from conveyor.testing import FakeClock, eventually, running
+from tests.helpers import PATHS, settings_for
 from tests.postgres import drop_namespace_async
 from tests.servers import POSTGRES_URL, namespaced
 from tests.webhook_receiver import Receiver

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from conveyor import App, Context, Settings
-from tests.helpers import eventually
+from conveyor.testing import eventually
 
 
 async def test_busy_handler_does_not_starve_another_or_stop(tmp_path: Path) -> None:

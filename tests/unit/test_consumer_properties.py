@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor import App, Context, Message, RetryPolicy, Settings
-from conveyor.testing import FakeClock
-from tests.helpers import drained, eventually, running, store_rows
+from conveyor.testing import FakeClock, drained, eventually, running
+from tests.helpers import store_rows
 
 LEASE = 30.0
 
@@ -83,7 +83,7 @@ async def consume(scenario: Scenario, broker_url: str, store_url: str) -> None:
         async with running(app):
             await eventually(only_stranded_left, timeout=20, what="ready work handled")
             clock.advance(LEASE + 1)
-            await eventually(lambda: drained(app), timeout=20, what="queue drained")
+            await drained(app, timeout=20)
 
         applied = store_rows(app, "SELECT n, msg_id, COUNT(*) FROM effects GROUP BY n ORDER BY n")
         assert applied == [(n, messages[n].id, 1) for n in sorted(messages)]

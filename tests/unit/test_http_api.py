@@ -14,8 +14,8 @@ import httpx
 
 from conveyor.http import ApiKeys, create_api_key
 from conveyor.runtime import Session
-from conveyor.testing import FakeClock
-from tests.helpers import eventually, running, settings_for
+from conveyor.testing import FakeClock, eventually, running
+from tests.helpers import settings_for
 from tests.http_jobs import Built, build
 
 PROBLEM = "application/problem+json"

@@ -31,8 +31,7 @@ from conveyor.resilience import (
     retrying,
     timeout,
 )
-from conveyor.testing import FakeClock
-from tests.helpers import eventually
+from conveyor.testing import FakeClock, eventually
 
 
 async def _settle() -> None:

@@ -25,8 +25,8 @@ from conveyor.sagas import (
     rebuild,
     saga_id_of,
 )
-from conveyor.testing import FakeClock
-from tests.helpers import eventually, running, settings_for
+from conveyor.testing import FakeClock, eventually, running
+from tests.helpers import settings_for
 
 STEPS = ("reserve", "charge", "ship", "deliver")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from examples.sum_of_primes import primes
-from examples.sum_of_primes.primes import MAX_B, MAX_SPAN, SumPrimeRequest, sum_of_primes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+
+from conveyor.examples.sum_of_primes import primes
+from conveyor.examples.sum_of_primes.primes import MAX_B, MAX_SPAN, SumPrimeRequest, sum_of_primes
 
 
 def _is_prime(n: int) -> bool:

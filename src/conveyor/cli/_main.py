@@ -497,10 +497,8 @@ def demo(
     `--broker URL` / `--store URL` pair. A missing one of the pair is the
     other's URL when that is a database (SQLite, PostgreSQL), else a fresh
     SQLite file. A PostgreSQL URL without `namespace=` gets a fresh one."""
-    try:
-        from examples.orders.demo import Faults, run_demo
-    except ImportError as exc:
-        raise _Exit(f"the order demo needs a source checkout of Conveyor ({exc})") from None
+    from conveyor.examples.orders.demo import DEFAULT_STOCK, Faults, run_demo
+
     if db is not None and (broker is not None or store is not None):
         raise _Exit("--db is the SQLite shortcut: give either --db or --broker/--store, not both")
     broker_url = broker or (store if _is_database(store) else None)
@@ -520,9 +518,6 @@ def demo(
         ship_failure_rate=ship_failure_rate,
         duplicate_rate=duplicate_rate,
     )
-    kwargs: dict[str, object] = {"seed": seed}
-    if stock is not None:
-        kwargs["stock_per_sku"] = stock
     started = time.perf_counter()
     try:
         report = _run(
@@ -534,7 +529,8 @@ def demo(
                 timeout=timeout,
                 console=console,
                 live=console.is_terminal,
-                **kwargs,
+                seed=seed,
+                stock_per_sku=DEFAULT_STOCK if stock is None else stock,
             )
         )
     finally:
@@ -613,7 +609,13 @@ def bench_brokers(
     try:
         from benchmarks.brokers import run_broker_bench
     except ImportError as exc:
-        raise _Exit(f"the broker benchmark needs a source checkout of Conveyor ({exc})") from None
+        if exc.name not in ("benchmarks", "benchmarks.brokers"):
+            raise _Exit(f"the broker benchmark cannot start: {exc}") from None
+        raise _Exit(
+            "`conveyor bench brokers` runs from a source checkout of Conveyor "
+            "(benchmarks/brokers.py, the servers and the peer frameworks): "
+            "run ./scripts/test there once, then .venv/bin/conveyor bench brokers"
+        ) from None
     try:
         run_broker_bench(
             console,

@@ -4,6 +4,19 @@ Pick one by URL with ``store_from_url`` (``sqlite:///conveyor.db``).
 """
 
 from conveyor.store._factory import store_from_url
-from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, Store, Transaction
+from conveyor.store._protocol import (
+    DeadLetterFilter,
+    DeadLetterRecord,
+    OutboxStats,
+    Store,
+    Transaction,
+)
 
-__all__ = ["DeadLetterFilter", "DeadLetterRecord", "Store", "Transaction", "store_from_url"]
+__all__ = [
+    "DeadLetterFilter",
+    "DeadLetterRecord",
+    "OutboxStats",
+    "Store",
+    "Transaction",
+    "store_from_url",
+]

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from conveyor.messages import Message
 
-__all__ = ["DeadLetterFilter", "DeadLetterRecord", "Store", "Transaction"]
+__all__ = ["DeadLetterFilter", "DeadLetterRecord", "OutboxStats", "Store", "Transaction"]
 
 
 class Transaction(Protocol):
@@ -56,6 +56,14 @@ class DeadLetterFilter:
     error_type: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Committed outbox rows not yet published, and when the oldest was written."""
+
+    pending: int
+    oldest_created_at: float | None
+
+
 class Store(Protocol):
     """Transactional state: inbox, outbox, dead letters and user tables."""
 
@@ -98,6 +106,10 @@ class Store(Protocol):
 
     async def wait_outbox(self, timeout: float) -> None:
         """Return early when outbox rows may have been committed."""
+        ...
+
+    async def outbox_stats(self) -> OutboxStats:
+        """How many committed rows wait to be published (leased or not)."""
         ...
 
     async def dead_letter(

@@ -26,7 +26,7 @@ from conveyor._postgres import (
 )
 from conveyor.errors import StoreError
 from conveyor.messages import Message
-from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, Transaction
+from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, OutboxStats, Transaction
 
 __all__ = ["PostgresStore"]
 
@@ -175,6 +175,12 @@ class PostgresStore(PostgresBacked):
 
     async def wait_outbox(self, timeout: float) -> None:
         await self.db.wait_for(_OUTBOX, None, timeout)
+
+    async def outbox_stats(self) -> OutboxStats:
+        [(count, oldest)] = await self.db.fetch(
+            self.error, "SELECT COUNT(*), MIN(created_at) FROM conveyor_outbox"
+        )
+        return OutboxStats(int(count), None if oldest is None else float(oldest))
 
     async def dead_letter(
         self,

@@ -16,7 +16,7 @@ from conveyor._sqlite import (
 )
 from conveyor.errors import StoreError
 from conveyor.messages import Message
-from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, Transaction
+from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, OutboxStats, Transaction
 
 __all__ = ["SqliteStore"]
 
@@ -147,6 +147,10 @@ class SqliteStore(SqliteBacked):
 
     async def wait_outbox(self, timeout: float) -> None:
         await self.db.wait_for_change(self.db.data_version(), timeout)
+
+    async def outbox_stats(self) -> OutboxStats:
+        [(count, oldest)] = self.db.read("SELECT COUNT(*), MIN(created_at) FROM conveyor_outbox")
+        return OutboxStats(int(count), None if oldest is None else float(oldest))
 
     async def dead_letter(
         self,

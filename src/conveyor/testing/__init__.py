@@ -1,6 +1,10 @@
-"""Test helpers: a fake clock and the conformance suites for brokers and stores."""
+"""Test helpers: run an app's handlers in a test (``running``, ``drained``),
+wait with a deadline (``eventually``), a fake clock, and the conformance
+suites for brokers and stores. The pytest fixtures are in
+``conveyor.testing.plugin``. See docs/testing.md."""
 
 from conveyor.testing._clock import FakeClock
+from conveyor.testing._helpers import drained, eventually, pending, running
 from conveyor.testing.conformance import (
     BROKER_CHECKS,
     STORE_CHECKS,
@@ -64,6 +68,10 @@ __all__ = [
     "check_stats",
     "check_store_dead_letters",
     "check_wait_wakes_on_publish",
+    "drained",
+    "eventually",
+    "pending",
     "required_capabilities",
+    "running",
     "supported",
 ]

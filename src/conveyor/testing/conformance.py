@@ -1018,7 +1018,8 @@ async def check_savepoint(make: StoreFactory) -> None:
 async def check_outbox_lease(make: StoreFactory) -> None:
     """Committed outbox rows come back intact, in order, from ``outbox_claim``,
     which leases them: a second claim gets none until the lease expires, and
-    ``outbox_done`` removes them for good. ``limit`` is honoured."""
+    ``outbox_done`` removes them for good. ``limit`` is honoured;
+    ``outbox_stats`` counts the rows waiting, leased or not."""
     async with _rig(make) as rig:
         store = await rig.store()
         topic, _ = _names("outbox")
@@ -1027,10 +1028,15 @@ async def check_outbox_lease(make: StoreFactory) -> None:
             Message.create(topic, {"i": 1}),
             Message.create(topic, {"i": 2}, delay=30.0, priority=4),
         ]
+        before = (await store.outbox_stats()).pending
         async with store.transaction() as tx:
             await store.outbox_add(tx, sent[:2])
         async with store.transaction() as tx:
             await store.outbox_add(tx, sent[2:])
+        stats = await store.outbox_stats()
+        assert stats.pending == before + 3, f"outbox_stats counts {stats.pending - before} of 3"
+        assert stats.oldest_created_at is not None, "outbox_stats has no oldest row"
+        assert stats.oldest_created_at <= sent[0].created_at, "outbox_stats' oldest is too new"
         first = await _claim_ours(store, topic)
         assert [m.id for _, m in first] == [m.id for m in sent], "claim lost or reordered rows"
         for (_, got), message in zip(first, sent, strict=True):
@@ -1044,6 +1050,7 @@ async def check_outbox_lease(make: StoreFactory) -> None:
         again = await _claim_ours(store, topic)
         assert [i for i, _ in again] == [i for i, _ in first], "expired rows not claimable again"
         await store.outbox_done([i for i, _ in again])
+        assert (await store.outbox_stats()).pending == before, "outbox_done left rows counted"
         await rig.advance(LEASE + 0.5)
         assert await _claim_ours(store, topic) == [], "rows came back after outbox_done"
         more = [Message.create(topic, {"i": i}) for i in range(3, 6)]

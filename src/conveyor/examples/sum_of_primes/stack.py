@@ -1,6 +1,6 @@
 """The processes of one run: HTTP replicas and workers on 127.0.0.1, each a
-``python -m examples.sum_of_primes replica|worker`` subprocess with its log
-in the run directory. Used by ``python -m examples.sum_of_primes up`` and
+``python -m conveyor.examples.sum_of_primes replica|worker`` subprocess with its log
+in the run directory. Used by ``python -m conveyor.examples.sum_of_primes up`` and
 by the end-to-end test, which kills a replica in the middle of a run.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from examples.sum_of_primes.service import ServiceConfig, prepare
+from conveyor.examples.sum_of_primes.service import ServiceConfig, prepare
 
 __all__ = ["Stack", "drop_namespace", "free_port", "redis_answers"]
 
@@ -103,7 +103,7 @@ class Stack:
         return [f"127.0.0.1:{port}" for port in self.ports.values()]
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        command = [sys.executable, "-m", "examples.sum_of_primes", *args]
+        command = [sys.executable, "-m", "conveyor.examples.sum_of_primes", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with (self.workdir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(

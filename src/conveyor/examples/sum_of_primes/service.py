@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor import App, RetryPolicy, Settings
+from conveyor.examples.sum_of_primes.balancer import REPLICA_HEADER
+from conveyor.examples.sum_of_primes.primes import SumPrimeRequest, sum_of_primes
 from conveyor.http import FAILED, PENDING, RUNNING, SUCCEEDED, JobAPI, JobContext, Jobs
-from examples.sum_of_primes.balancer import REPLICA_HEADER
-from examples.sum_of_primes.primes import SumPrimeRequest, sum_of_primes
 
 __all__ = [
     "FINISHED",

@@ -1,7 +1,7 @@
 """The reference order system: order, inventory, payment and shipping services
 driven by an orchestrated saga, with fault injection and invariant checks."""
 
-from examples.orders.services import (
+from conveyor.examples.orders.services import (
     INVARIANTS,
     SERVICES,
     STATES,

@@ -18,8 +18,8 @@ import httpx
 
 from conveyor import RetryPolicy
 from conveyor.client import AsyncClient, AsyncJobHandle, Route
-from examples.sum_of_primes.primes import SumPrimeRequest
-from examples.sum_of_primes.service import FINISHED, IN_PROGRESS, KIND
+from conveyor.examples.sum_of_primes.primes import SumPrimeRequest
+from conveyor.examples.sum_of_primes.service import FINISHED, IN_PROGRESS, KIND
 
 __all__ = ["RETRY", "ROUTE", "SumPrimeClient"]
 

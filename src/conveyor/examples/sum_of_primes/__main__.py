@@ -1,4 +1,4 @@
-"""``python -m examples.sum_of_primes COMMAND``:
+"""``python -m conveyor.examples.sum_of_primes COMMAND``:
 
 - ``up``: check Redis, start three replicas, a worker and nginx in front of
   them (config, logs and pid file in a temporary directory), print the URL,
@@ -26,9 +26,19 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.sum_of_primes.balancer import nginx_conf, start_nginx
-from examples.sum_of_primes.service import ServiceConfig, create_asgi, run_worker
-from examples.sum_of_primes.stack import Stack, drop_namespace, free_port, redis_answers
+try:
+    from conveyor.examples.sum_of_primes.balancer import nginx_conf, start_nginx
+    from conveyor.examples.sum_of_primes.service import ServiceConfig, create_asgi, run_worker
+    from conveyor.examples.sum_of_primes.stack import (
+        Stack,
+        drop_namespace,
+        free_port,
+        redis_answers,
+    )
+except ModuleNotFoundError as exc:
+    raise SystemExit(
+        f"error: the sum-of-primes example needs pip install 'conveyor[http,redis]' ({exc})"
+    ) from None
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -149,7 +159,7 @@ def up(args: argparse.Namespace) -> None:
 
 async def demo_run(url: str, count: int, *, seed: int | None = None) -> None:
     """Submit ``count`` random ranges at once, then print every answer."""
-    from examples.sum_of_primes.client import SumPrimeClient
+    from conveyor.examples.sum_of_primes.client import SumPrimeClient
 
     rng = random.Random(seed)
     ranges = []
@@ -170,7 +180,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m examples.sum_of_primes")
+    parser = argparse.ArgumentParser(prog="python -m conveyor.examples.sum_of_primes")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("up", help="run replicas, a worker and nginx")

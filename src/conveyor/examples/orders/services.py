@@ -28,14 +28,17 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pydantic
 
 from conveyor import App, CircuitBreaker, ConfigError, Context, RetryPolicy, Session, Settings
 from conveyor.errors import UnknownEndpoint
-from conveyor.http import Webhooks
 from conveyor.messages import uuid7
 from conveyor.sagas import Saga, SagaEvent, SagaRecord, Sagas, Step, StepFailed
+
+if TYPE_CHECKING:
+    from conveyor.http import Webhooks
 
 __all__ = [
     "CANCELLED",
@@ -374,6 +377,9 @@ def create_app(
     _SAGAS[app] = sagas
     webhooks = None
     if webhook_allow is not None:
+        # Imported here: the services without webhooks need no HTTP extra.
+        from conveyor.http import Webhooks
+
         webhooks = _WEBHOOKS[app] = Webhooks(app, allow=webhook_allow)
 
         @app.on_connect

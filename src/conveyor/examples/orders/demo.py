@@ -21,9 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from conveyor import App, ConfigError, Worker
-from conveyor.sagas import STATES as SAGA_STATES
-from conveyor.settings import load_settings
-from examples.orders.services import (
+from conveyor.examples.orders.services import (
     CANCELLED,
     DELIVERED,
     STATES,
@@ -35,6 +33,8 @@ from examples.orders.services import (
     place_order,
     state_counts,
 )
+from conveyor.sagas import STATES as SAGA_STATES
+from conveyor.settings import load_settings
 
 __all__ = [
     "DEFAULT_FAULTS",

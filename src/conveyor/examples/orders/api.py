@@ -13,7 +13,7 @@ same key with another body is 422). ``Callback-Url`` must be a registered
 endpoint: it then receives a signed ``order.<state>`` webhook on every state
 change. Every error is a problem+json body. Run it with the services::
 
-    uvicorn --factory examples.orders.api:main
+    uvicorn --factory conveyor.examples.orders.api:main
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from fastapi import Body, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from conveyor import App, Settings
-from conveyor.http import problem_api, problem_response
-from conveyor.messages import uuid7
-from examples.orders.demo import DEFAULT_STOCK, PRODUCTS
-from examples.orders.services import (
+from conveyor.examples.orders.demo import DEFAULT_STOCK, PRODUCTS
+from conveyor.examples.orders.services import (
     TERMINAL,
     Faults,
     create_app,
@@ -38,6 +36,8 @@ from examples.orders.services import (
     place_order_in,
     webhooks_of,
 )
+from conveyor.http import problem_api, problem_response
+from conveyor.messages import uuid7
 
 __all__ = ["PlaceOrder", "create_api", "main"]
 
