@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, cast
 
 import pydantic
+import pydantic_core
 
 from conveyor.errors import DecodeError, MessageError, PayloadTooLarge
 
@@ -80,7 +81,10 @@ class Codec(Protocol):
 
 
 class JsonCodec:
-    """JSON (UTF-8). Accepts pydantic models, dicts, lists, scalars and bytes."""
+    """JSON (UTF-8). Accepts pydantic models, dataclasses, dicts, lists and
+    scalars, with ``datetime``/``date``/``time`` (ISO 8601), ``UUID``,
+    ``Decimal`` (a string, exact), ``Enum`` (its value) and sets anywhere
+    inside, as pydantic writes them; ``bytes`` go out unchanged."""
 
     content_type = "application/json"
 
@@ -90,8 +94,8 @@ class JsonCodec:
         if isinstance(value, pydantic.BaseModel):
             return value.model_dump_json().encode()
         try:
-            return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
-        except (TypeError, ValueError) as exc:
+            return pydantic_core.to_json(value)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise MessageError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
 
     def decode(self, data: bytes, into: type[T]) -> T:
@@ -112,12 +116,6 @@ class JsonCodec:
 def _short(exc: Exception) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json")
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 JSON = JsonCodec()

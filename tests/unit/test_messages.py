@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
+from datetime import UTC, date, datetime
+from decimal import Decimal
 
 import pydantic
 import pytest
@@ -96,3 +99,38 @@ def test_delay_sets_not_before() -> None:
     message = Message.create("t", {}, delay=5)
     assert message.not_before is not None
     assert message.not_before == pytest.approx(message.created_at + 5)
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+def test_dict_bodies_with_everyday_types_encode() -> None:
+    """A dict holding datetime, date, UUID, Decimal, Enum, a set and a model
+    encodes as pydantic writes them (Decimal exact, as a string)."""
+
+    class Line(pydantic.BaseModel):
+        sku: str
+
+    when = datetime(2026, 12, 2, 9, 30, tzinfo=UTC)
+    ident = uuid.UUID("0193e4a1-7c1a-7000-8000-000000000001")
+    body = {
+        "at": when,
+        "day": date(2026, 12, 2),
+        "id": ident,
+        "amount": Decimal("12.30"),
+        "colour": Colour.RED,
+        "tags": {"a"},
+        "line": Line(sku="mug"),
+    }
+    decoded = Message.create("t", body).decode(dict)
+    assert decoded == {
+        "at": "2026-12-02T09:30:00Z",
+        "day": "2026-12-02",
+        "id": str(ident),
+        "amount": "12.30",
+        "colour": "red",
+        "tags": ["a"],
+        "line": {"sku": "mug"},
+    }
+    assert datetime.fromisoformat(decoded["at"]) == when
