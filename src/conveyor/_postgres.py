@@ -13,7 +13,8 @@ URL: ``postgresql://user[:password]@host[:port]/database?namespace=NAME``
 - ``namespace``: the schema holding Conveyor's tables and, for the store, the
   application's own tables (default ``public``); letters, digits and ``_``.
 - ``pool_min`` / ``pool_max``: connections kept / allowed (default 1 / 10).
-- ``connect_timeout``: seconds to wait for a connection (default 10).
+- ``connect_timeout``: seconds the first connection may take in all, retries
+  included (default 5); also the wait for each new pooled connection.
 - ``reconnect_for``: seconds an operation outside a transaction keeps
   retrying, with capped backoff, while the server is unreachable (default 30).
 - ``sslmode``: passed to asyncpg as is.
@@ -38,6 +39,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
 from conveyor.errors import ConfigError, ConveyorError, StoreError
@@ -60,7 +62,7 @@ T = TypeVar("T")
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
-_FLOAT_OPTIONS = {"connect_timeout": 10.0, "reconnect_for": 30.0}
+_FLOAT_OPTIONS = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "reconnect_for": 30.0}
 _PASSTHROUGH = ("sslmode",)
 
 # Errors that mean the connection or server went away: worth a reconnect.
@@ -109,6 +111,12 @@ class PgOptions:
         host = parts.hostname or "localhost"
         port = parts.port or 5432
         return f"{parts.username}@{host}:{port}{parts.path}#{self.namespace}"
+
+    @property
+    def address(self) -> str:
+        """host:port/database, for messages (no user, no password)."""
+        parts = urlsplit(self.dsn)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
     @property
     def channel(self) -> str:
@@ -434,7 +442,17 @@ class Database:
             )
             return pool
 
-        self._pool = await self.retrying(setup, error, "connect")
+        try:
+            self._pool = await connect_within(
+                setup,
+                server="PostgreSQL",
+                where=o.address,
+                timeout=o.connect_timeout,
+                retry_on=_TRANSIENT,
+                error=error,
+            )
+        except asyncpg.PostgresError as exc:  # refused for good: a wrong password, no database
+            raise error(f"PostgreSQL at {o.address} refused the connection: {exc}") from exc
 
     async def _stop(self) -> None:
         pool, self._pool = self._pool, None

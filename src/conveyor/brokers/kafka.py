@@ -71,6 +71,8 @@ URL options:
 ``retry_for``           seconds to keep retrying a failing operation, with
                         capped exponential backoff, before it fails with
                         ``BrokerError`` (default 30).
+``connect_timeout``     seconds the first connection may take in all,
+                        retries included (default 5).
 
 Durability is the cluster's: ``publish`` waits for ``acks=all``, sending
 one record per produce request within a partition (in order) and partitions
@@ -105,6 +107,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError
@@ -128,6 +131,7 @@ _OPTIONS = (
     "buffer",
     "rebalance_wait",
     "retry_for",
+    "connect_timeout",
 )
 # Kafka's default message.max.bytes is 1048588 for a whole record batch; leave
 # room for the key and the envelope header.
@@ -145,6 +149,7 @@ class _Config:
     buffer: int
     rebalance_wait: float
     retry_for: float
+    connect_timeout: float
 
 
 def _parse(url: str) -> _Config:
@@ -212,6 +217,7 @@ def _parse(url: str) -> _Config:
         buffer=number("buffer", 1000, int, 1),
         rebalance_wait=number("rebalance_wait", 30.0, float, 0.0),
         retry_for=number("retry_for", 30.0, float, 0.0),
+        connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
     )
     if config.heartbeat_interval >= config.session_timeout:
         raise ConfigError(
@@ -672,7 +678,14 @@ class KafkaBroker:
                     raise
                 self._producer, self._admin = producer, admin
 
-            await self._call("connect", start)
+            await connect_within(
+                start,
+                server="Kafka",
+                where=",".join(cfg.servers),
+                timeout=cfg.connect_timeout,
+                retry_on=(KafkaError, OSError),
+                error=BrokerError,
+            )
 
     async def _ready(self) -> None:
         if self._producer is None:

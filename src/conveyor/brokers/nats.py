@@ -19,6 +19,8 @@ Options (anything else is a ``ConfigError``):
 - ``timeout`` (30 s): how long an operation keeps retrying while the server is
   unreachable (the connection reconnects with capped backoff) before it
   raises ``BrokerError``.
+- ``connect_timeout`` (5 s): how long the first connection may take in all,
+  retries included.
 
 Topology. One stream per namespace with *limits* retention: a message stays
 for ``max_age``, acknowledged or not, like a Kafka topic's retention. (Interest
@@ -84,6 +86,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -99,7 +102,15 @@ _ENVELOPE = "Conveyor-Envelope"
 _GROUP = "Conveyor-Group"
 _MSG_ID = "Nats-Msg-Id"
 _ALL = "all"
-_OPTIONS = ("namespace", "replicas", "ack_wait", "max_deliver", "max_age", "timeout")
+_OPTIONS = (
+    "namespace",
+    "replicas",
+    "ack_wait",
+    "max_deliver",
+    "max_age",
+    "timeout",
+    "connect_timeout",
+)
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Headers and envelope must fit next to the payload in the server's default
 # max_payload (1 MiB).
@@ -133,6 +144,7 @@ class _Config:
     max_deliver: int
     max_age: float
     timeout: float
+    connect_timeout: float
 
 
 def _parse(url: str) -> _Config:
@@ -186,6 +198,7 @@ def _parse(url: str) -> _Config:
         max_deliver=int(number("max_deliver", 50, int, 0)),
         max_age=number("max_age", 7 * 86400.0, float, 60.0),
         timeout=number("timeout", 30.0, float, 0.1),
+        connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
     )
 
 
@@ -263,14 +276,16 @@ class NatsBroker:
         async with self._connecting:
             if self._nc is not None and not self._nc.is_closed:
                 return
-            try:
-                # With unlimited reconnects nats-py also retries the first
-                # connection forever: bound it by the operation timeout.
-                nc = await asyncio.wait_for(self._open(), self._config.timeout)
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                raise BrokerError(
-                    f"cannot connect to NATS at {', '.join(self._redacted())}: {exc!r}"
-                ) from exc
+            # With unlimited reconnects nats-py also retries the first
+            # connection forever: connect_within bounds it.
+            nc = await connect_within(
+                self._open,
+                server="NATS",
+                where=", ".join(self._hosts()),
+                timeout=self._config.connect_timeout,
+                retry_on=(nats.errors.Error, OSError),
+                error=BrokerError,
+            )
             self._nc = nc
             try:
                 await self._retrying("create the streams", self._ensure_streams)
@@ -293,6 +308,9 @@ class NatsBroker:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+
+    def _hosts(self) -> list[str]:
+        return [urlsplit(s).netloc.rpartition("@")[2] for s in self._config.servers]
 
     def _redacted(self) -> list[str]:
         return [re.sub(r"//[^@/]*@", "//***@", s) for s in self._config.servers]

@@ -22,6 +22,9 @@ Options (anything else is a ``ConfigError``):
     largest ``fetch(max_messages=...)`` up to this bound.
 ``heartbeat``
     AMQP heartbeat in seconds, passed to the connection.
+``connect_timeout``
+    Seconds the first connection may take in all, retries included (default
+    5); also the limit of each reconnection attempt.
 
 Topology, all durable, in namespace ``ns``:
 
@@ -85,6 +88,7 @@ import pamqp.commands
 import pamqp.exceptions
 from aio_pika.exceptions import AMQPException
 
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError
@@ -92,10 +96,9 @@ from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RabbitMQBroker"]
 
-_OPTIONS = ("namespace", "queue_type", "max_priority", "prefetch", "heartbeat")
+_OPTIONS = ("namespace", "queue_type", "max_priority", "prefetch", "heartbeat", "connect_timeout")
 _META = "conveyor"
 _CONFIRM_TIMEOUT = 30.0
-_CONNECT_TIMEOUT = 10.0
 _REDECLARE_AFTER = 60.0
 _EXPIRES_MS = 600_000
 # aiormq raises RuntimeError for a connection it found closed.
@@ -115,6 +118,7 @@ class _Config:
     queue_type: str
     max_priority: int
     prefetch: int
+    connect_timeout: float
 
 
 def _parse(url: str) -> _Config:
@@ -157,7 +161,14 @@ def _parse(url: str) -> _Config:
     connection_url = urlunsplit(
         (parts.scheme, parts.netloc, parts.path, urlencode(passthrough), "")
     )
-    return _Config(connection_url, namespace, queue_type, max_priority, prefetch)
+    raw = options.get("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
+    try:
+        connect_timeout = float(raw)
+    except ValueError:
+        connect_timeout = -1.0
+    if not 0 < connect_timeout < math.inf:
+        raise ConfigError(f"invalid connect_timeout {raw!r} in {url!r}: seconds > 0")
+    return _Config(connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout)
 
 
 def _int_option(
@@ -306,7 +317,15 @@ class RabbitMQBroker:
     # connection -------------------------------------------------------
 
     async def connect(self) -> None:
-        await self._connected()
+        parts = urlsplit(self._config.connection_url)
+        await connect_within(
+            self._connected,
+            server="RabbitMQ",
+            where=f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}",
+            timeout=self._config.connect_timeout,
+            retry_on=(BrokerError,),
+            error=BrokerError,
+        )
 
     async def _connected(self) -> aio_pika.abc.AbstractConnection:
         connection = self._connection
@@ -326,7 +345,7 @@ class RabbitMQBroker:
             try:
                 connection = await aio_pika.connect(
                     self._config.connection_url,
-                    timeout=_CONNECT_TIMEOUT,
+                    timeout=self._config.connect_timeout,
                     client_properties={"connection_name": self.connection_name},
                 )
             except _DRIVER_ERRORS as exc:

@@ -66,6 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from conveyor._connect import connect_within
 from conveyor._redis import RedisConfig, redact
 from conveyor._redis import client as redis_client
 from conveyor._time import Clock
@@ -501,12 +502,17 @@ class RedisBroker:
             decode_responses=False,
         )
         try:
-            await client.ping()
-        except RedisError as exc:
+            await connect_within(
+                client.ping,
+                server="Redis",
+                where=f"{c.host}:{c.port}/{c.db}",
+                timeout=c.connect_timeout,
+                retry_on=(RedisError,),
+                error=BrokerError,
+            )
+        except BaseException:
             await client.aclose()
-            raise BrokerError(
-                f"cannot connect to Redis at {c.host}:{c.port}/{c.db}: {exc}"
-            ) from exc
+            raise
         self._redis = client
         for name, source in (
             ("publish", _PUBLISH),
