@@ -31,16 +31,17 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from conveyor.cli._bench import _consume, _publish
 from conveyor.testing._kafka import KafkaServer, start_kafka
 
 __all__ = ["BROKERS", "run_broker_bench"]
 
-POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("CONVEYOR_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
-NATS_URL = os.environ.get("CONVEYOR_TEST_NATS", "nats://127.0.0.1:4222")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 BROKERS = ("redis", "rabbitmq", "postgres", "nats", "kafka")
 DRAMATIQ = ("redis", "rabbitmq")
@@ -781,13 +782,16 @@ def _print(console: Console, r: Results, chosen: list[str]) -> None:
                 ),
             ]
         for i, (what, result, goal) in enumerate(rows):
-            table.add_row(broker if i == 0 else "", what, result, goal)
+            # The benchmark's own figures and styles: markup is safe here.
+            table.add_row(
+                broker if i == 0 else "", what, Text.from_markup(result), Text.from_markup(goal)
+            )
         table.add_section()
     console.print(table)
     for key, text in errors.items():
         twin = key.removesuffix("_single")
         if twin == key or errors.get(twin) != text:
-            console.print(f"[yellow]{key}[/]: {text}", highlight=False)
+            console.print(Text.assemble((key, "yellow"), f": {text}"))
 
 
 if __name__ == "__main__":

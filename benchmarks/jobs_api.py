@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _free_port() -> int:
@@ -224,7 +224,7 @@ def setups(names: list[str], workdir: Path) -> Iterator[tuple[str, dict[str, str
             ns = f"bench{uuid.uuid4().hex[:10]}"
             pg = f"{POSTGRES_URL}?namespace={ns}"
             redis = f"{REDIS_URL}?namespace={ns}"
-            env = {"CONVEYOR_BROKER_URL": pg, "CONVEYOR_BENCH_JOBS_REDIS": redis}
+            env = {"CONVEYOR_BROKER_URL": pg, "BENCH_JOBS_REDIS_URL": redis}
             yield "PostgreSQL + Redis job store", env, [pg, redis]
         else:
             raise SystemExit(f"unknown set-up {name!r}: choose sqlite, postgres")

@@ -1,5 +1,5 @@
 """The job API the HTTP benchmark serves: one trivial kind. Its App reads
-CONVEYOR_*; the job store is Redis when CONVEYOR_BENCH_JOBS_REDIS is set."""
+CONVEYOR_*; the job store is Redis when BENCH_JOBS_REDIS_URL is set."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Numbers(pydantic.BaseModel):
 
 app = App("http-bench")
 store: JobStore | None = None
-if redis_url := os.environ.get("CONVEYOR_BENCH_JOBS_REDIS"):
+if redis_url := os.environ.get("BENCH_JOBS_REDIS_URL"):
     from conveyor.http.redis_jobs import RedisJobStore
 
     store = RedisJobStore(redis_url)

@@ -35,7 +35,7 @@ from rich.table import Table
 
 __all__ = ["DBOS_RUNS", "run_saga_bench"]
 
-POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 # A child process that has not finished after this long is killed and the
 # measurement reported as failed, naming it.
 RUN_TIMEOUT = 300.0

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 
+from conveyor._urls import redact
 from conveyor.errors import ConfigError
 
 __all__ = ["RedisConfig", "redact"]
@@ -85,12 +86,6 @@ class RedisConfig:
         self.socket_timeout = _option(query, "socket_timeout", 5.0, safe)
         self.connect_timeout = _option(query, "connect_timeout", 5.0, safe)
         self.retry_for = _option(query, "retry_for", 30.0, safe)
-
-
-def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages and logs."""
-    url = re.sub(r"(password=)[^&]*", r"\1***", url)
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def client(config: RedisConfig, **options: object) -> aioredis.Redis:

@@ -3,6 +3,9 @@ or a ``.env``-style file."""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +15,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from conveyor.errors import ConfigError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["LOG_LEVELS", "Settings", "load_settings"]
+
+PREFIX = "CONVEYOR_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_log = logging.getLogger("conveyor.settings")
+_warned: set[str] = set()
 
 
 class Settings(BaseSettings):
     """Runtime configuration. Durations are seconds."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", frozen=True)
 
     broker_url: str = "sqlite:///conveyor.db"
     store_url: str | None = pydantic.Field(
@@ -38,6 +46,14 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    @pydantic.field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @property
     def resolved_store_url(self) -> str:
         if self.store_url:
@@ -46,19 +62,54 @@ class Settings(BaseSettings):
             return self.broker_url
         return "sqlite:///conveyor.db"
 
+    @property
+    def implicit_local_store(self) -> bool:
+        """A server broker whose store nobody chose: the local ``conveyor.db``."""
+        return not self.store_url and self.resolved_store_url != self.broker_url
+
+
+def _closest(name: str) -> str:
+    fields = [f"{PREFIX}{f.upper()}" for f in Settings.model_fields]
+    match = difflib.get_close_matches(name.upper(), fields, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _warn_unknown_environment() -> None:
+    """Log, once per name, every ``CONVEYOR_*`` variable that is no setting:
+    most likely a typo, which would otherwise be silently ignored."""
+    known = {f"{PREFIX}{f.upper()}" for f in Settings.model_fields}
+    for name in sorted(os.environ):
+        if name.upper().startswith(PREFIX) and name.upper() not in known and name not in _warned:
+            _warned.add(name)
+            _log.warning(
+                "unknown setting %s is ignored%s",
+                name,
+                _closest(name),
+                extra={"event": "conveyor.unknown_setting"},
+            )
+
 
 def load_settings(env_file: str | Path | None = None, **overrides: object) -> Settings:
-    """Build ``Settings``; any invalid value is one ``ConfigError`` line."""
+    """Build ``Settings``; any invalid value is one ``ConfigError`` line.
+
+    Arguments win over ``CONVEYOR_*`` environment variables, which win over
+    ``env_file``. An unknown name in ``env_file`` is an error; an unknown
+    ``CONVEYOR_*`` environment variable is logged as a warning naming the
+    closest setting."""
     values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if env_file is not None:
         if not Path(env_file).is_file():
             raise ConfigError(f"settings file {str(env_file)!r} does not exist")
         values["_env_file"] = str(env_file)
+    _warn_unknown_environment()
     try:
         return Settings(**values)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        raise ConfigError(
-            f"invalid setting {where} (CONVEYOR_{where.upper()}): {err['msg']}"
-        ) from None
+        if err["type"] == "extra_forbidden":
+            name = where.upper() if where.upper().startswith(PREFIX) else f"{PREFIX}{where.upper()}"
+            origin = f" in {str(env_file)!r}" if env_file is not None else ""
+            raise ConfigError(f"unknown setting {name}{origin}{_closest(name)}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {where} ({PREFIX}{where.upper()}): {msg}") from None

@@ -1,5 +1,5 @@
 """A job API for `conveyor serve` in a subprocess: its App reads CONVEYOR_*,
-its job store is Redis when CONVEYOR_TEST_JOBS_REDIS is set."""
+its job store is Redis when TEST_JOBS_REDIS_URL is set."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Numbers(pydantic.BaseModel):
 
 
 app = App("http-serve")
-_redis = os.environ.get("CONVEYOR_TEST_JOBS_REDIS")
+_redis = os.environ.get("TEST_JOBS_REDIS_URL")
 store: JobStore | None = None
 if _redis:
     from conveyor.http.redis_jobs import RedisJobStore

@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["run_bench"]
 
@@ -406,7 +407,8 @@ def _print(console: Console, r: dict[str, float], n: int) -> None:
         ),
     ]
     for row in rows:
-        table.add_row(*row)
+        # Conveyor's own figures and styles, never outside text: markup is safe.
+        table.add_row(*(Text.from_markup(cell) for cell in row))
     console.print(table)
 
 

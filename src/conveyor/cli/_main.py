@@ -1,26 +1,37 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
-from conveyor.errors import ConveyorError
-from conveyor.runtime import App, purge_dead_letters, queue_overview, replay_dead_letters
-from conveyor.settings import Settings, load_settings
-from conveyor.store import DeadLetterFilter
+from conveyor._sqlite import parse_url as parse_sqlite_url
+from conveyor._urls import redact
+from conveyor.cli._output import console, error_line, errors, fit, styled, when
+from conveyor.errors import ConfigError, ConveyorError
+from conveyor.runtime import (
+    App,
+    QueueRow,
+    purge_dead_letters,
+    queue_overview,
+    replay_dead_letters,
+)
+from conveyor.sagas import SagaRecord
+from conveyor.settings import LOG_LEVELS, Settings, load_settings
+from conveyor.store import DeadLetterFilter, DeadLetterRecord
 
 __all__ = ["app", "main"]
 
@@ -32,12 +43,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 dlq = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 app.add_typer(dlq, name="dlq")
-
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
 
 BrokerOpt = Annotated[
     str | None, typer.Option("--broker", help="Broker URL (default: CONVEYOR_BROKER_URL).")
@@ -48,11 +57,22 @@ StoreOpt = Annotated[
 EnvOpt = Annotated[
     Path | None, typer.Option("--env-file", help="Read CONVEYOR_* settings from this file.")
 ]
+LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        help=f"{', '.join(LOG_LEVELS)} (default: CONVEYOR_LOG_LEVEL, else INFO).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON: one object per line.")]
+
+# Drivers log their own view of failures Conveyor reports in its own words
+# (a refused connection, a reconnect); below DEBUG they are kept quiet.
+_DRIVER_LOGGERS = ("aio_pika", "aiormq", "aiokafka", "nats", "asyncpg", "redis", "httpx")
 
 
 class _Exit(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    """A command-line mistake: printed as one ``error:`` line, exit 1."""
 
 
 def main() -> None:
@@ -60,46 +80,113 @@ def main() -> None:
     try:
         app()
     except (ConveyorError, _Exit) as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(error_line(exc))
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def _settings(broker: str | None, store: str | None, env_file: Path | None = None) -> Settings:
-    return load_settings(env_file, broker_url=broker, store_url=store)
+def _version(value: bool) -> None:
+    if value:
+        from conveyor import __version__
+
+        console.print(f"conveyor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Reliable asynchronous operations between services."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise _Exit(message)
+
+
+def _setup_logging(level: str | None) -> None:
+    """Log records to stderr at ``level`` (a CLI option or CONVEYOR_LOG_LEVEL,
+    checked by the settings; INFO until they are loaded)."""
+    wanted = (level or os.environ.get("CONVEYOR_LOG_LEVEL") or "INFO").strip().upper()
+    numeric = getattr(logging, wanted, logging.INFO) if wanted in LOG_LEVELS else logging.INFO
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        root.addHandler(
+            RichHandler(console=errors, rich_tracebacks=False, show_path=False, markup=False)
+        )
+    root.setLevel(numeric)
+    for name in _DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else 100)
+
+
+def _settings(
+    broker: str | None = None,
+    store: str | None = None,
+    env_file: Path | None = None,
+    log_level: str | None = None,
+    **overrides: object,
+) -> Settings:
+    """The settings of a command: its options over CONVEYOR_* variables over
+    ``--env-file``; logging is set up first, so that a warning about an
+    unknown variable is printed like any other."""
+    _setup_logging(log_level)
+    settings = load_settings(
+        env_file, broker_url=broker, store_url=store, log_level=log_level, **overrides
+    )
+    _setup_logging(settings.log_level)
+    return settings
 
 
 def _run(make: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(make())  # type: ignore[arg-type]
     except ConveyorError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(error_line(exc))
         raise typer.Exit(1) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=errors, rich_tracebacks=False, show_path=False)],
-    )
-
-
-def _load_app(target: str) -> App:
+def _import(target: str, what: str) -> object:
     module_name, _, attr = target.partition(":")
     if not module_name:
-        raise _Exit(f"expected MODULE:APP, got {target!r}")
+        _fail(f"expected MODULE:{what.upper()}, got {target!r}")
     sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise _Exit(f"cannot import {module_name!r}: {exc}") from None
-    obj = getattr(module, attr or "app", None)
+        _fail(f"cannot import {module_name!r}: {exc}")
+    return getattr(module, attr or what, None)
+
+
+def _load_app(target: str) -> App:
+    obj = _import(target, "app")
     if not isinstance(obj, App):
-        raise _Exit(f"{target!r} is not a conveyor.App (found {type(obj).__name__})")
+        _fail(f"{target!r} is not a conveyor.App (found {type(obj).__name__})")
     return obj
+
+
+def _missing_database(settings: Settings, *, broker: bool = False) -> str | None:
+    """The path of a SQLite file the settings name for the store (and, with
+    ``broker``, for the broker) that does not exist yet. Read-only commands
+    answer "nothing there" instead of creating it."""
+    urls = [settings.resolved_store_url]
+    if broker:
+        urls.append(settings.broker_url)
+    for url in urls:
+        if url.startswith("sqlite:"):
+            path, _ = parse_sqlite_url(url)
+            if path != ":memory:" and not Path(path).exists():
+                return path
+    return None
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
 
 
 @app.command()
@@ -108,27 +195,41 @@ def worker(
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
+    log_level: LogOpt = None,
     grace_period: Annotated[
         float | None, typer.Option(help="Seconds to finish in-flight work on SIGTERM.")
     ] = None,
 ) -> None:
     """Run the handlers of MODULE:APP until SIGTERM/SIGINT (graceful shutdown)."""
+    _setup_logging(log_level)
     application = _load_app(target)
-    if broker or store or env_file or grace_period is not None:
+    overrides = {
+        "broker_url": broker,
+        "store_url": store,
+        "grace_period": grace_period,
+        "log_level": log_level,
+    }
+    if env_file is not None:
+        # The file's settings under the environment's and the options'.
+        application.settings = load_settings(env_file, **overrides)
+    elif any(v is not None for v in overrides.values()):
         base = application.settings.model_dump()
-        overrides = {"broker_url": broker, "store_url": store, "grace_period": grace_period}
         base.update({k: v for k, v in overrides.items() if v is not None})
-        application.settings = load_settings(env_file, **base)
+        application.settings = load_settings(**base)
     _setup_logging(application.settings.log_level)
     _run(application.run)
 
 
 @app.command()
-def relay(broker: BrokerOpt = None, store: StoreOpt = None, env_file: EnvOpt = None) -> None:
+def relay(
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+) -> None:
     """Publish committed outbox rows to the broker (needed only when the store
     is not the broker's database and no worker is running)."""
-    settings = _settings(broker, store, env_file)
-    _setup_logging(settings.log_level)
+    settings = _settings(broker, store, env_file, log_level)
     _run(App("relay", settings=settings).run)
 
 
@@ -140,30 +241,39 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes.")] = 1,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Serve the HTTP job API MODULE:ATTR (a conveyor.http.JobAPI) with uvicorn.
 
-    --broker/--store set CONVEYOR_BROKER_URL/CONVEYOR_STORE_URL before the
-    module is imported (in every server process), for an App built from the
-    environment. Jobs run in `conveyor worker MODULE:APP` processes."""
-    import os
+    --broker, --store and the CONVEYOR_* lines of --env-file become
+    environment variables before the module is imported (in every server
+    process), for an App built from the environment. Jobs run in
+    `conveyor worker MODULE:APP` processes."""
+    _setup_logging(log_level)
+    if env_file is not None:
+        if not env_file.is_file():
+            _fail(f"settings file {str(env_file)!r} does not exist")
+        from dotenv import dotenv_values
 
-    from conveyor.http import JobAPI
-
-    for name, value in (("CONVEYOR_BROKER_URL", broker), ("CONVEYOR_STORE_URL", store)):
+        for name, value in dotenv_values(env_file).items():
+            if name.upper().startswith("CONVEYOR_") and value is not None:
+                os.environ.setdefault(name.upper(), value)
+    for name, value in (
+        ("CONVEYOR_BROKER_URL", broker),
+        ("CONVEYOR_STORE_URL", store),
+        ("CONVEYOR_LOG_LEVEL", log_level),
+    ):
         if value is not None:
             os.environ[name] = value
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise _Exit(f"expected MODULE:ATTR, got {target!r}")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _Exit(f"cannot import {module_name!r}: {exc}") from None
-    api = getattr(module, attr, None)
+    load_settings()  # a bad value stops here, in one line
+    from conveyor.http import JobAPI
+
+    if ":" not in target:
+        _fail(f"expected MODULE:ATTR, got {target!r}")
+    api = _import(target, "api")
     if not isinstance(api, JobAPI):
-        raise _Exit(f"{target!r} is not a conveyor.http.JobAPI (found {type(api).__name__})")
+        _fail(f"{target!r} is not a conveyor.http.JobAPI (found {type(api).__name__})")
     import uvicorn
 
     _setup_logging(api.app.settings.log_level)
@@ -187,17 +297,77 @@ def keys_create(
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Create an API key; prints the secret, which is shown only this once."""
     from conveyor.http import ApiKeys
 
-    settings = _settings(broker, store, env_file)
+    settings = _settings(broker, store, env_file, log_level)
 
     async def go() -> str:
         async with App("cli", settings=settings) as application:
             return await ApiKeys(application).create(name)
 
-    console.print(_run(go), highlight=False, soft_wrap=True)
+    console.print(_run(go), soft_wrap=True)
+
+
+@keys_cli.command("list")
+def keys_list(
+    as_json: JsonOpt = False,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+) -> None:
+    """List API keys by name (the secrets are not stored, only their hashes)."""
+    from conveyor.http import ApiKey, ApiKeys
+
+    settings = _settings(broker, store, env_file, log_level)
+    keys: list[ApiKey] = []
+    if _missing_database(settings) is None:
+
+        async def go() -> list[ApiKey]:
+            async with App("cli", settings=settings) as application:
+                return await ApiKeys(application).list()
+
+        keys = _run(go)
+    if as_json:
+        for key in keys:
+            _print_json({"name": key.name, "created_at": key.created_at})
+        return
+    if not keys:
+        console.print(styled("no API keys", "dim"))
+        return
+    table = Table(title=f"API keys ({len(keys)})")
+    table.add_column("name")
+    table.add_column("created")
+    for key in keys:
+        table.add_row(key.name, when(key.created_at))
+    console.print(table)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The key's name.")],
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+    from conveyor.http import ApiKeys
+
+    settings = _settings(broker, store, env_file, log_level)
+    if _missing_database(settings) is not None:
+        _fail(f"no API key named {name!r} (see `conveyor keys list`)")
+
+    async def go() -> bool:
+        async with App("cli", settings=settings) as application:
+            return await ApiKeys(application).revoke(name)
+
+    if not _run(go):
+        _fail(f"no API key named {name!r} (see `conveyor keys list`)")
+    console.print(f"revoked API key {name!r}")
 
 
 @app.command()
@@ -213,20 +383,21 @@ def publish(
     delay: Annotated[float, typer.Option(help="Seconds before delivery.")] = 0.0,
     broker: BrokerOpt = None,
     env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Publish one message; prints its id once the broker has it."""
     text = sys.stdin.read() if payload == "-" else payload
     try:
         body = json.loads(text)
     except ValueError as exc:
-        raise _Exit(f"payload is not valid JSON: {exc}") from None
+        _fail(f"payload is not valid JSON: {exc}")
     headers = {}
     for item in header or []:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise _Exit(f"header {item!r} must be NAME=VALUE")
+            _fail(f"header {item!r} must be NAME=VALUE")
         headers[name] = value
-    settings = _settings(broker, None, env_file)
+    settings = _settings(broker, None, env_file, log_level)
 
     async def go() -> str:
         async with App("cli", settings=settings) as application:
@@ -239,22 +410,43 @@ def publish(
 
 
 @app.command()
-def queues(broker: BrokerOpt = None, store: StoreOpt = None, env_file: EnvOpt = None) -> None:
-    """Depth, in flight, delayed and dead messages per topic and group."""
-    settings = _settings(broker, store, env_file)
+def queues(
+    as_json: JsonOpt = False,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+) -> None:
+    """Ready, in-flight, delayed and dead messages per topic and group."""
+    settings = _settings(broker, store, env_file, log_level)
+    rows: list[QueueRow] = []
+    if _missing_database(settings, broker=True) is None:
 
-    async def go() -> None:
-        async with App("cli", settings=settings) as application:
-            rows = await queue_overview(application)
-        table = Table(title=f"Queues on {settings.broker_url}")
-        for col in ("topic", "group", "ready", "in flight", "delayed", "dead"):
-            table.add_column(col, justify="left" if col in ("topic", "group") else "right")
+        async def go() -> list[QueueRow]:
+            async with App("cli", settings=settings) as application:
+                return await queue_overview(application)
+
+        rows = _run(go)
+    if as_json:
         for r in rows:
-            dead = f"[red]{r.dead}[/]" if r.dead else "0"
-            table.add_row(r.topic, r.group, str(r.ready), str(r.in_flight), str(r.delayed), dead)
-        console.print(table if rows else "[dim]no queues yet[/]")
-
-    _run(go)
+            _print_json(dataclasses.asdict(r))
+        return
+    if not rows:
+        console.print(styled("no queues yet", "dim"))
+        return
+    table = Table(title=f"Queues on {redact(settings.broker_url)}")
+    for col in ("topic", "group", "ready", "in flight", "delayed", "dead"):
+        table.add_column(col, justify="left" if col in ("topic", "group") else "right")
+    for r in rows:
+        table.add_row(
+            r.topic,
+            r.group,
+            str(r.ready),
+            str(r.in_flight),
+            str(r.delayed),
+            styled(r.dead, "red" if r.dead else ""),
+        )
+    console.print(table)
 
 
 def _filter(
@@ -268,54 +460,54 @@ TopicOpt = Annotated[str | None, typer.Option(help="Only this topic.")]
 ErrOpt = Annotated[str | None, typer.Option("--error-type", help="Only this error type.")]
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 @dlq.command("list")
 def dlq_list(
     group: GroupOpt = None,
     topic: TopicOpt = None,
     error_type: ErrOpt = None,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    as_json: JsonOpt = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """List dead letters, oldest first."""
-    settings = _settings(broker, store)
+    settings = _settings(broker, store, env_file, log_level)
+    records: list[DeadLetterRecord] = []
+    if _missing_database(settings) is None:
 
-    async def go() -> None:
-        async with App("cli", settings=settings) as application:
-            records = await application.store.dead_letters(
-                _filter(None, group, topic, error_type), limit=limit
-            )
-        if as_json:
-            for r in records:
-                print(json.dumps(_record_json(r, traceback=False)))
-            return
-        table = Table(title=f"Dead letters ({len(records)})")
-        for col in ("id", "group", "topic", "message", "attempts", "error", "dead at"):
-            table.add_column(col)
+        async def go() -> list[DeadLetterRecord]:
+            async with App("cli", settings=settings) as application:
+                return await application.store.dead_letters(
+                    _filter(None, group, topic, error_type), limit=limit
+                )
+
+        records = _run(go)
+    if as_json:
         for r in records:
-            table.add_row(
-                str(r.id),
-                r.group,
-                r.message.topic,
-                r.message.id,
-                str(r.attempts),
-                r.reason if len(r.reason) < 70 else r.reason[:67] + "...",
-                _when(r.dead_at),
-            )
-        console.print(table if records else "[green]no dead letters[/]")
+            _print_json(_record_json(r, traceback=False))
+        return
+    if not records:
+        console.print(styled("no dead letters", "green"))
+        return
+    table = Table(title=f"Dead letters ({len(records)})")
+    for col in ("id", "group", "topic", "message", "attempts", "error", "dead at"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            str(r.id),
+            r.group,
+            r.message.topic,
+            r.message.id,
+            str(r.attempts),
+            fit(r.reason, 70),
+            when(r.dead_at),
+        )
+    console.print(table)
 
-    _run(go)
 
-
-def _record_json(r: object, *, traceback: bool) -> dict[str, object]:
-    from conveyor.store import DeadLetterRecord
-
-    assert isinstance(r, DeadLetterRecord)
+def _record_json(r: DeadLetterRecord, *, traceback: bool) -> dict[str, object]:
     out: dict[str, object] = {
         "id": r.id,
         "group": r.group,
@@ -333,32 +525,55 @@ def _record_json(r: object, *, traceback: bool) -> dict[str, object]:
 @dlq.command("show")
 def dlq_show(
     dead_id: Annotated[int, typer.Argument(help="Dead-letter id (from `dlq list`).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The record, traceback included, as JSON.")
+    ] = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Show one dead letter: message, reason, attempts, timestamps, traceback."""
-    settings = _settings(broker, store)
+    settings = _settings(broker, store, env_file, log_level)
+    if _missing_database(settings) is not None:
+        _fail(f"no dead letter with id {dead_id} (see `conveyor dlq list`)")
 
-    async def go() -> None:
+    async def go() -> list[DeadLetterRecord]:
         async with App("cli", settings=settings) as application:
-            records = await application.store.dead_letters(DeadLetterFilter(ids=[dead_id]))
-        if not records:
-            raise _Exit(f"no dead letter with id {dead_id}")
-        r = records[0]
-        console.print_json(json.dumps(_record_json(r, traceback=False)))
-        if r.traceback:
-            console.print("[bold]traceback[/]")
-            console.print(r.traceback, highlight=False, markup=False)
+            return await application.store.dead_letters(DeadLetterFilter(ids=[dead_id]))
 
-    _run(go)
+    records = _run(go)
+    if not records:
+        _fail(f"no dead letter with id {dead_id} (see `conveyor dlq list`)")
+    r = records[0]
+    if as_json:
+        _print_json(_record_json(r, traceback=True))
+        return
+    console.print_json(json.dumps(_record_json(r, traceback=False), default=str))
+    if r.traceback:
+        console.print(styled("traceback", "bold"))
+        console.print(r.traceback, soft_wrap=True)
 
 
 def _selection(
     ids: list[int] | None, group: str | None, topic: str | None, err: str | None, all_: bool
 ) -> DeadLetterFilter:
     if not (ids or group or topic or err or all_):
-        raise _Exit("say which dead letters: IDs, --group/--topic/--error-type, or --all")
+        _fail("say which dead letters: IDs, --group/--topic/--error-type, or --all")
     return _filter(ids, group, topic, err)
+
+
+async def _check_ids(application: App, ids: list[int] | None) -> None:
+    """Refuse a selection by id that names a dead letter that does not exist."""
+    if not ids:
+        return
+    found = await application.store.dead_letters(DeadLetterFilter(ids=ids), limit=len(ids))
+    missing = sorted(set(ids) - {r.id for r in found})
+    if missing:
+        raise ConfigError(
+            f"no dead letter with id {', '.join(map(str, missing))} (see `conveyor dlq list`); "
+            "nothing was changed"
+        )
 
 
 @dlq.command("replay")
@@ -370,14 +585,22 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Send dead letters back to their group (same message id: the inbox still
     refuses anything already applied)."""
     where = _selection(ids, group, topic, error_type, all_)
-    settings = _settings(broker, store)
+    settings = _settings(broker, store, env_file, log_level)
+    if _missing_database(settings) is not None:
+        if ids:
+            _fail(f"no dead letter with id {', '.join(map(str, ids))} (see `conveyor dlq list`)")
+        console.print("replayed 0 dead letter(s)")
+        return
 
     async def go() -> int:
         async with App("cli", settings=settings) as application:
+            await _check_ids(application, ids)
             return await replay_dead_letters(application, where)
 
     console.print(f"replayed {_run(go)} dead letter(s)")
@@ -393,15 +616,23 @@ def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Delete dead letters for good."""
     where = _selection(ids, group, topic, error_type, all_)
+    settings = _settings(broker, store, env_file, log_level)
+    if _missing_database(settings) is not None:
+        if ids:
+            _fail(f"no dead letter with id {', '.join(map(str, ids))} (see `conveyor dlq list`)")
+        console.print("purged 0 dead letter(s)")
+        return
     if not yes and sys.stdin.isatty():
         typer.confirm("Delete the selected dead letters for good?", abort=True)
-    settings = _settings(broker, store)
 
     async def go() -> int:
         async with App("cli", settings=settings) as application:
+            await _check_ids(application, ids)
             return await purge_dead_letters(application, where)
 
     console.print(f"purged {_run(go)} dead letter(s)")
@@ -419,27 +650,31 @@ def sagas_list(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Only sagas of this name.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_json: JsonOpt = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """List saga instances, newest first: state, current step, age, error."""
     from conveyor.cli import _sagas
 
     states = _sagas.parse_states(state or [])
-    settings = _settings(broker, store, env_file)
-    records, names = _run(
-        lambda: _sagas.fetch_sagas(
-            settings.resolved_store_url, states=states, name=name, limit=limit
+    settings = _settings(broker, store, env_file, log_level)
+    records: list[SagaRecord] = []
+    names: dict[str, list[str]] = {}
+    if _missing_database(settings) is None:
+        records, names = _run(
+            lambda: _sagas.fetch_sagas(
+                settings.resolved_store_url, states=states, name=name, limit=limit
+            )
         )
-    )
     if as_json:
         for r in records:
-            print(json.dumps(_sagas.record_json(r, names.get(r.id, []))))
+            _print_json(_sagas.record_json(r, names.get(r.id, [])))
         return
     if not records:
-        console.print("[dim]no sagas[/]")
+        console.print(styled("no sagas", "dim"))
         return
     console.print(_sagas.list_table(records, names, now=time.time()))
 
@@ -453,23 +688,30 @@ def sagas_show(
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Show one saga: its state and data, the timeline of its history, how
     long each step took, and whether the history folds back to the record."""
     from conveyor.cli import _sagas
 
-    settings = _settings(broker, store, env_file)
-    view = _run(lambda: _sagas.fetch_saga(settings.resolved_store_url, saga_id))
+    settings = _settings(broker, store, env_file, log_level)
+    view = None
+    if _missing_database(settings) is None:
+        view = _run(lambda: _sagas.fetch_saga(settings.resolved_store_url, saga_id))
     if view is None:
-        raise _Exit(f"no saga with id {saga_id!r} (see `conveyor sagas list`)")
+        _fail(f"no saga with id {saga_id!r} (see `conveyor sagas list`)")
     if as_json:
-        print(json.dumps(_sagas.saga_json(view), default=str))
+        _print_json(_sagas.saga_json(view))
         return
     console.print(_sagas.summary_table(view, now=time.time()))
     console.print(_sagas.timeline_table(view))
     console.print(_sagas.spans_table(view))
-    verdict = "[green]yes[/]" if view.consistent else "[bold red]no[/] (the stored record differs)"
-    console.print(f"history consistent: {verdict}")
+    verdict = (
+        styled("yes", "green")
+        if view.consistent
+        else Text.assemble(("no", "bold red"), " (the stored record differs)")
+    )
+    console.print(Text.assemble("history consistent: ", verdict))
 
 
 @app.command()
@@ -490,17 +732,21 @@ def demo(
     store: StoreOpt = None,
     timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    log_level: LogOpt = None,
 ) -> None:
     """Run the reference order system and check its invariants.
 
     On the embedded default (a fresh SQLite file, or `--db FILE`), or on any
     `--broker URL` / `--store URL` pair. A missing one of the pair is the
     other's URL when that is a database (SQLite, PostgreSQL), else a fresh
-    SQLite file. A PostgreSQL URL without `namespace=` gets a fresh one."""
+    SQLite file. A PostgreSQL URL without `namespace=` gets a fresh one.
+    CONVEYOR_BROKER_URL and CONVEYOR_STORE_URL are not read: a demo always
+    starts from an empty database."""
+    _setup_logging(log_level or "WARNING")
     from conveyor.examples.orders.demo import DEFAULT_STOCK, Faults, run_demo
 
     if db is not None and (broker is not None or store is not None):
-        raise _Exit("--db is the SQLite shortcut: give either --db or --broker/--store, not both")
+        _fail("--db is the SQLite shortcut: give either --db or --broker/--store, not both")
     broker_url = broker or (store if _is_database(store) else None)
     store_url = store or (broker if _is_database(broker) else None)
     tmp = None
@@ -536,8 +782,12 @@ def demo(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    verdict = "[bold green]all invariants hold[/]" if report.ok else "[bold red]INVARIANT FAILED[/]"
-    console.print(f"{verdict} ({time.perf_counter() - started:.1f}s)")
+    verdict = (
+        styled("all invariants hold", "bold green")
+        if report.ok
+        else styled("INVARIANT FAILED", "bold red")
+    )
+    console.print(Text.assemble(verdict, f" ({time.perf_counter() - started:.1f}s)"))
     if not report.ok:
         raise typer.Exit(1)
 
@@ -567,7 +817,7 @@ def _fresh_namespace(broker_url: str, store_url: str) -> tuple[str, str]:
             url = f"{url}{'&' if parts.query else '?'}namespace={fresh}"
         out.append(url)
     if out != [broker_url, store_url]:
-        console.print(f"PostgreSQL namespace for this run: [bold]{fresh}[/]", highlight=False)
+        console.print(Text.assemble("PostgreSQL namespace for this run: ", (fresh, "bold")))
     return out[0], out[1]
 
 
@@ -584,11 +834,13 @@ def bench(
     ctx: typer.Context,
     messages: Annotated[int, typer.Option(min=1000, help="Messages per measurement.")] = 20_000,
     output: OutputOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Measure the embedded broker and unit of work against raw sqlite3 loops
     (`conveyor bench brokers`: the server brokers)."""
     if ctx.invoked_subcommand is not None:
         return
+    _setup_logging(log_level or "WARNING")
     from conveyor.cli._bench import run_bench
 
     run_bench(console, messages=messages, output=output)
@@ -601,21 +853,23 @@ def bench_brokers(
         str, typer.Option(help="Comma-separated: redis,rabbitmq,postgres,nats,kafka.")
     ] = "redis,rabbitmq,postgres,nats,kafka",
     output: OutputOpt = None,
+    log_level: LogOpt = None,
 ) -> None:
     """Measure the server brokers against their raw clients and Dramatiq.
 
     Also the PostgreSQL unit of work against a raw asyncpg loop. Needs the
     servers on 127.0.0.1 (./scripts/services) and a source checkout."""
+    _setup_logging(log_level or "WARNING")
     try:
         from benchmarks.brokers import run_broker_bench
     except ImportError as exc:
         if exc.name not in ("benchmarks", "benchmarks.brokers"):
-            raise _Exit(f"the broker benchmark cannot start: {exc}") from None
-        raise _Exit(
+            _fail(f"the broker benchmark cannot start: {exc}")
+        _fail(
             "`conveyor bench brokers` runs from a source checkout of Conveyor "
             "(benchmarks/brokers.py, the servers and the peer frameworks): "
             "run ./scripts/test there once, then .venv/bin/conveyor bench brokers"
-        ) from None
+        )
     try:
         run_broker_bench(
             console,
@@ -624,4 +878,4 @@ def bench_brokers(
             output=output,
         )
     except ValueError as exc:
-        raise _Exit(str(exc)) from None
+        _fail(str(exc))

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
-from conveyor.cli._main import _when
+from conveyor.cli._output import fit, styled, when
 from conveyor.errors import ConfigError
 from conveyor.sagas import (
     STATES,
@@ -145,10 +146,6 @@ def _span(value: float) -> str:
     return f"{days}d{hours}h"
 
 
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def _current(record: SagaRecord, names: Sequence[str]) -> str:
     """The step a saga is at and in which phase; blank once it has nothing left to do."""
     if not record.phase or record.step < 0 or record.state in ("COMPLETED", "COMPENSATED"):
@@ -166,9 +163,8 @@ _STATE_STYLE = {
 }
 
 
-def _state(state: str) -> str:
-    style = _STATE_STYLE.get(state)
-    return f"[{style}]{state}[/]" if style else state
+def _state(state: str) -> Text:
+    return styled(state, _STATE_STYLE.get(state, ""))
 
 
 def list_table(records: Sequence[SagaRecord], names: dict[str, list[str]], *, now: float) -> Table:
@@ -185,8 +181,8 @@ def list_table(records: Sequence[SagaRecord], names: dict[str, list[str]], *, no
             current,
             str(r.attempt) if current and r.attempt else "",
             _span(now - r.created_at),
-            _when(r.updated_at),
-            _short(r.error),
+            when(r.updated_at),
+            fit(r.error, 60),
         )
     return table
 
@@ -259,7 +255,7 @@ def timeline_table(view: SagaView) -> Table:
         table.add_row(
             str(e.seq),
             _offset(e, start),
-            f"[{style}]{e.type}[/]" if style else e.type,
+            styled(e.type, style),
             e.step,
             _details(e),
         )
@@ -327,8 +323,8 @@ def summary_table(view: SagaView, *, now: float) -> Table:
     current = _current(r, view.step_names)
     if current:
         table.add_row("step", f"{current}, attempt {r.attempt}")
-    table.add_row("started", f"{_when(r.created_at)} ({_span(now - r.created_at)} ago)")
-    table.add_row("updated", _when(r.updated_at))
+    table.add_row("started", f"{when(r.created_at)} ({_span(now - r.created_at)} ago)")
+    table.add_row("updated", when(r.updated_at))
     if r.error:
         table.add_row("error", r.error)
     table.add_row("data", json.dumps(dict(r.data), sort_keys=True, default=str))

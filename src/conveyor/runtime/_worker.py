@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from conveyor._time import seconds
+from conveyor._urls import redact
 from conveyor.brokers._protocol import (
     BrokerBinding,
     DeadLetterSink,
@@ -107,11 +108,20 @@ class Worker:
         for interval, periodic in app.periodic:
             self._tasks.append(asyncio.create_task(self._every(interval, periodic)))
         log.info(
-            "worker started with %d handler(s) on %s",
+            "worker started with %d handler(s); broker %s, store %s",
             len(app.handlers),
-            broker.url,
+            redact(broker.url),
+            redact(store.url),
             extra={"event": "conveyor.worker_started"},
         )
+        if app.settings.implicit_local_store and app._own_store:
+            log.warning(
+                "the store (inbox, outbox, dead letters, your tables) is the local file %s "
+                "because CONVEYOR_STORE_URL is not set; with a server broker, set it to a "
+                "database every worker shares (postgresql://...)",
+                redact(store.url),
+                extra={"event": "conveyor.implicit_store"},
+            )
         try:
             await self._stopping.wait()
             expiry = asyncio.create_task(self._expire_grace())

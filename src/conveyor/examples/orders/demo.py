@@ -201,10 +201,13 @@ async def run_demo(
     app = create_app(settings=settings, faults=faults, seed=seed)
     started = time.perf_counter()
     console.print(
-        f"[bold]Order system demo[/]: {orders} orders, {len(PRODUCTS)} SKUs x "
-        f"{stock_per_sku} in stock, faults: error {faults.error_rate:g}, "
-        f"latency {faults.latency:g}s, decline {faults.decline_rate:g}, "
-        f"ship failure {faults.ship_failure_rate:g}, duplicate {faults.duplicate_rate:g}",
+        Text.assemble(
+            ("Order system demo", "bold"),
+            f": {orders} orders, {len(PRODUCTS)} SKUs x "
+            f"{stock_per_sku} in stock, faults: error {faults.error_rate:g}, "
+            f"latency {faults.latency:g}s, decline {faults.decline_rate:g}, "
+            f"ship failure {faults.ship_failure_rate:g}, duplicate {faults.duplicate_rate:g}",
+        ),
         highlight=False,
     )
     async with app:
@@ -243,7 +246,7 @@ async def run_demo(
     elapsed = time.perf_counter() - started
     console.print(_invariants_table(invariants))
     style = "red" if final.dead else "green"
-    console.print(f"dead letters: [{style}]{final.dead}[/]")
+    console.print(Text.assemble("dead letters: ", (str(final.dead), style)))
     return DemoReport(
         ok=all(held for _, held, _ in invariants),
         counts=final.counts,
@@ -284,7 +287,9 @@ async def _watch(
                 if progress.terminal < orders:
                     why = "timed out" if now > deadline else "stalled: nothing left to process"
                     console.print(
-                        f"[bold red]{why}[/] with {orders - progress.terminal} orders open"
+                        Text.assemble(
+                            (why, "bold red"), f" with {orders - progress.terminal} orders open"
+                        )
                     )
                 return progress
             await asyncio.sleep(_REFRESH)
