@@ -1,5 +1,6 @@
 """Conveyor: reliable asynchronous operations between services."""
 
+from conveyor._time import Clock
 from conveyor.errors import (
     CircuitOpen,
     ConfigError,
@@ -20,6 +21,7 @@ __all__ = [
     "Bulkhead",
     "CircuitBreaker",
     "CircuitOpen",
+    "Clock",
     "ConfigError",
     "Context",
     "ConveyorError",

@@ -112,3 +112,21 @@ def test_handler_registration_errors() -> None:
 
     with pytest.raises(ConfigError, match="concurrency"):
         app.handler("t", concurrency=0)
+
+
+async def test_new_settings_take_effect_on_the_next_connect(tmp_path: Path) -> None:
+    """Settings assigned after close() give the next connect() their broker
+    and store; assigning while connected is refused."""
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    second = f"sqlite:///{tmp_path / 'second.db'}"
+    app = conveyor.App("a", settings=conveyor.Settings(broker_url=first))
+    async with app:
+        await app.publish("t", {"n": 1})
+        assert app.broker.url == first
+        with pytest.raises(ConfigError, match="close"):
+            app.settings = conveyor.Settings(broker_url=second)
+    app.settings = conveyor.Settings(broker_url=second)
+    async with app:
+        assert (app.broker.url, app.store.url) == (second, second)
+        assert sum(s.ready for s in await app.broker.stats()) == 0
+    assert (tmp_path / "second.db").exists()

@@ -113,6 +113,7 @@ class SqlJobStore:
     def __init__(self, *, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or SystemClock()
         self._app: App | None = None
+        self._store: Store | None = None
         self._live_db: Database | None = None
 
     @property
@@ -122,9 +123,10 @@ class SqlJobStore:
         return self._app
 
     async def connect(self, app: App) -> None:
-        if self._app is not None:
-            return
         store = app.store
+        if self._app is app and self._store is store:
+            return
+        await self.close()  # the app was given other settings since: start afresh
         statements = [s for s in (_JOBS + _LIVE).split(";") if s.strip()]
         if isinstance(store, SqliteStore):
             store.db.ensure_schema("jobs", _JOBS)
@@ -146,6 +148,7 @@ class SqlJobStore:
         broker = app.broker
         binding = broker.bind(store) if isinstance(broker, TransactionalBroker) else None
         self._publisher: Publisher = binding.publish if binding is not None else store.outbox_add
+        self._store = store
         self._app = app
 
     async def close(self) -> None:

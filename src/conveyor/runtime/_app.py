@@ -58,17 +58,37 @@ class App:
         middleware: Sequence[Middleware] = (),
     ) -> None:
         self.name = name
-        self.settings = settings or load_settings()
+        self._settings = settings or load_settings()
         self.clock: Clock = clock or SystemClock()
         self.codec = codec
         self.middleware: list[Middleware] = list(middleware)
         self.handlers: list[Handler] = []
         self._broker = broker
         self._store = store
+        # Made from the settings (not handed in): replaced when they change.
+        self._own_broker = broker is None
+        self._own_store = store is None
         self._connected = False
         self._shedder: LoadShedder | None = None
         self._on_connect: list[Callable[[App], Awaitable[None]]] = []
         self.periodic: list[tuple[float, Callable[[App], Awaitable[None]]]] = []
+
+    @property
+    def settings(self) -> Settings:
+        """The app's settings. Assigning new ones (before connecting, or after
+        ``close()``) makes the next ``connect()`` use their broker and store."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        if self._connected:
+            raise ConfigError(f"app {self.name!r} is connected; close() it before new settings")
+        self._settings = settings
+        self._shedder = None
+        if self._own_broker:
+            self._broker = None
+        if self._own_store:
+            self._store = None
 
     @property
     def broker(self) -> Broker:
