@@ -20,6 +20,7 @@ from conveyor._sqlite import (
     Database,
     SqliteBacked,
     SqliteTransaction,
+    Version,
     message_from_row,
     message_params,
 )
@@ -99,7 +100,7 @@ class SqliteBroker(SqliteBacked):
 
     def __init__(self, url: str, *, clock: Clock | None = None) -> None:
         super().__init__(url, clock=clock)
-        self._seen: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple[str, str], Version] = {}
         self._binding = _Binding(self)
 
     def bind(self, store: Store) -> BrokerBinding | None:
@@ -152,7 +153,7 @@ class SqliteBroker(SqliteBacked):
         key = (topic, group)
         since = self._seen.get(key)
         if since is None:
-            since = self.db.data_version()
+            since = self.db.version()
         self._seen[key] = await self.db.wait_for_change(since, timeout)
 
     async def stats(self) -> list[QueueStats]:

@@ -146,7 +146,7 @@ class SqliteStore(SqliteBacked):
             tx.runmany("DELETE FROM conveyor_outbox WHERE seq = ?", [(i,) for i in ids])
 
     async def wait_outbox(self, timeout: float) -> None:
-        await self.db.wait_for_change(self.db.data_version(), timeout)
+        await self.db.wait_for_change(self.db.version(), timeout)
 
     async def outbox_stats(self) -> OutboxStats:
         [(count, oldest)] = self.db.read("SELECT COUNT(*), MIN(created_at) FROM conveyor_outbox")
