@@ -174,7 +174,10 @@ async def test_not_before_publishes_through_a_delay_queue(broker: RabbitMQBroker
 
 async def test_close_hands_back_prefetched_messages_without_counting(url: str) -> None:
     """Messages a consumer prefetched but never handed out are requeued on
-    close() with their attempt unchanged; leased ones come back counted."""
+    close() with their attempt unchanged; leased ones come back counted.
+    close() comes right after the acks: the two messages that refill the
+    prefetch are still on their way (the quorum queue sends them once it has
+    applied the acks), and RabbitMQ would count them if they met the cancel."""
     first = _broker(url)
     await first.connect()
     try:
@@ -182,13 +185,7 @@ async def test_close_hands_back_prefetched_messages_without_counting(url: str) -
         await first.publish([Message.create("batch", {"i": i}) for i in range(10)])
         leased = await first.fetch("batch", "g", max_messages=4, lease=60.0)
         assert len(leased) == 4
-        assert await first.ack(leased[:2]) == 2  # frees room: two more are prefetched
-
-        async def prefetched() -> bool:
-            (stats,) = [s for s in await first.stats() if s.group == "g"]
-            return stats.in_flight == 2 and stats.ready == 6
-
-        await eventually(prefetched, timeout=5.0)
+        assert await first.ack(leased[:2]) == 2  # frees room: two more get prefetched
     finally:
         await first.close()
     second = _broker(url)

@@ -52,9 +52,10 @@ delivery not settled within ``lease`` is handed back (quorum: rejected with
 requeue, which counts a delivery), and a late ack returns 0. When a client's
 connection closes, RabbitMQ hands its unacknowledged messages back at once
 (``Capabilities.releases_on_disconnect``); an ack that cannot reach the
-server counts 0 for the same reason. ``close()`` first requeues, uncounted,
-what was prefetched but never handed out. After a lost connection the next
-call reconnects, waiting up to 5 s between failed attempts.
+server counts 0 for the same reason. ``close()`` first waits (up to 2 s)
+until RabbitMQ has no delivery on its way to a consumer, then requeues,
+uncounted, what was prefetched but never handed out. After a lost connection
+the next call reconnects, waiting up to 5 s between failed attempts.
 
 ``attempt`` is the delivery count: the attempts carried in a header (delayed
 retries, replays, requeued copies) plus quorum queues' ``x-delivery-count``.
@@ -100,6 +101,7 @@ _OPTIONS = ("namespace", "queue_type", "max_priority", "prefetch", "heartbeat", 
 _META = "conveyor"
 _CONFIRM_TIMEOUT = 30.0
 _REDECLARE_AFTER = 60.0
+_SETTLE_TIMEOUT = 2.0
 _EXPIRES_MS = 600_000
 # aiormq raises RuntimeError for a connection it found closed.
 _DRIVER_ERRORS = (
@@ -413,9 +415,11 @@ class RabbitMQBroker:
         (confirmed), then the original acked. Left to the server, quorum
         queues would count each as a delivery (and a worker restarted a few
         times would dead-letter messages its handlers never saw)."""
+        deadline = time.monotonic() + _SETTLE_TIMEOUT
         for consumer in list(self._consumers.values()):
             if not consumer.alive or not consumer.tags:
                 continue
+            await self._quiesce(consumer, deadline)
             for tag in consumer.tags:
                 await consumer.queue.cancel(tag)
             consumer.tags.clear()
@@ -433,6 +437,26 @@ class RabbitMQBroker:
             await self._send(routes)
             for incoming in waiting:
                 await incoming.ack()
+
+    async def _quiesce(self, consumer: _Consumer, deadline: float) -> None:
+        """Wait until RabbitMQ has nothing on its way to the consumer: its
+        prefetch is full (leased or buffered) or its queue has nothing ready.
+
+        A delivery the queue makes while ``basic.cancel`` is under way never
+        reaches the client: the server returns it, and a quorum queue counts
+        that as a delivery. Acks free prefetch that the queue refills once it
+        has applied them, so a consumer that acked just before ``close()``
+        has such deliveries on their way."""
+        while consumer.leased + len(consumer.buffer) < consumer.qos:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            consumer.arrived.clear()
+            if await self._sync(consumer) == 0 and not consumer.arrived.is_set():
+                return
+            if not consumer.arrived.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(consumer.arrived.wait(), left)
 
     # topology ---------------------------------------------------------
 
