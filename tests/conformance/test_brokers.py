@@ -18,6 +18,7 @@ from conveyor.testing import (
     BrokerFactory,
     StoreFactory,
     UrlBrokerFactory,
+    UrlStoreFactory,
     check_ack_is_final,
     check_bad_input,
     check_competing_consumers,
@@ -25,6 +26,7 @@ from conveyor.testing import (
     check_delayed_retry,
     check_durable_across_kill,
     check_fan_out,
+    check_malformed_entries,
     check_parked_until_first_group,
     check_per_key_order,
     check_priorities,
@@ -35,6 +37,8 @@ from conveyor.testing import (
     required_capabilities,
     supported,
 )
+from tests.conformance.conftest import BROKERS
+from tests.conformance.malformed import INJECTORS
 
 
 async def test_round_trip(broker_factory: BrokerFactory) -> None:
@@ -168,3 +172,17 @@ def test_every_broker_check_runs_with_its_capabilities() -> None:
             assert declared == required_capabilities(check), (
                 f"{test.__name__} must be marked requires{tuple(required_capabilities(check))}"
             )
+
+
+@pytest.mark.parametrize("backend", sorted(INJECTORS))
+async def test_malformed_entries_are_dead_lettered_and_the_queue_flows(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Raw entries no Conveyor client wrote, each unreadable in its own way,
+    end up as dead letters with their reason; 20 good messages around them
+    are all handled. SQL brokers run the bound path (store on the same
+    database), the others a SQLite store."""
+    url = BROKERS[backend](tmp_path)
+    request.getfixturevalue("_namespaces").append(url)
+    store = UrlStoreFactory(url) if url.startswith(("sqlite:", "postgresql:")) else None
+    await check_malformed_entries(UrlBrokerFactory(url), INJECTORS[backend], store)

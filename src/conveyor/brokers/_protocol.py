@@ -50,12 +50,18 @@ class Delivery:
     """One delivery of a message to a consumer group.
 
     ``receipt`` identifies this delivery (and its lease) to the broker that
-    made it; it is meaningless to any other broker.
+    made it; it is meaningless to any other broker. A broker never fails a
+    fetch, nor keeps re-leasing an entry, because one entry is unreadable: it
+    hands it out with ``malformed`` set (``brokers._kit.malformed_delivery``).
     """
 
     message: Message
     group: str
     receipt: str
+    malformed: str | None = None
+    """Why the entry could not be read as a Conveyor message, for an entry
+    written by something else or corrupted; ``message`` then holds what could
+    be kept of it. The runtime dead-letters such a delivery at once."""
 
 
 @dataclass(frozen=True, slots=True)

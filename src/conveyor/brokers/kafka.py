@@ -109,8 +109,9 @@ from aiokafka.partitioner import murmur2
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
-from conveyor.errors import BrokerError, ConfigError
+from conveyor.errors import BrokerError, ConfigError, MessageError
 from conveyor.messages import Message
 
 __all__ = ["KafkaBroker"]
@@ -240,29 +241,36 @@ def _encode(message: Message, *, attempt: int, due: float | None) -> list[tuple[
     return [(ENVELOPE, json.dumps(envelope, separators=(",", ":")).encode())]
 
 
-def _decode(topic: str, record: Any) -> tuple[Message, int, float | None]:
-    """The message in ``record``, the attempts already made and when it is due.
+def _decode(topic: str, record: Any) -> tuple[Message, int, float | None, str | None]:
+    """The message in ``record``, the attempts already made, when it is due,
+    and why its envelope is unreadable (None when it is fine).
 
-    A record without a valid envelope (written by another Kafka client)
-    becomes a message whose id is derived from its position, so redeliveries
-    of it dedupe."""
+    A record without an envelope (written by another Kafka client) becomes a
+    message whose id is derived from its position, so redeliveries of it
+    dedupe. A record whose envelope is there but malformed is delivered as
+    malformed (the runtime dead-letters it), with its payload kept."""
     headers = dict(record.headers or ())
     key = None if record.key is None else bytes(record.key).decode("utf-8", "replace")
     payload = b"" if record.value is None else bytes(record.value)
     raw = headers.get(ENVELOPE)
+    where = f"{record.topic}/{record.partition}/{record.offset}"
     if raw is not None:
         try:
-            return _from_envelope(json.loads(raw), key, payload)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "record %s/%s/%s has a malformed envelope (%s); delivered as a raw record",
-                record.topic,
-                record.partition,
-                record.offset,
-                exc,
-                extra={"event": "conveyor.kafka_bad_envelope"},
+            env = json.loads(raw)
+            if not isinstance(env, dict):
+                raise ValueError(f"the envelope is not a JSON object: {bytes(raw)[:100]!r}")
+            return (*_from_envelope(env, key, payload), None)
+        except (ValueError, KeyError, TypeError, MessageError) as exc:
+            bad = malformed_delivery(
+                topic=topic,
+                group="",
+                receipt="",
+                reason=short_reason(exc),
+                where=where,
+                payload=payload,
             )
-    ident = uuid.uuid5(uuid.NAMESPACE_URL, f"{record.topic}/{record.partition}/{record.offset}")
+            return bad.message, 0, None, bad.malformed
+    ident = uuid.uuid5(uuid.NAMESPACE_URL, where)
     text = {k: bytes(v).decode("utf-8", "replace") for k, v in headers.items()}
     message = Message(
         topic=topic,
@@ -272,7 +280,7 @@ def _decode(topic: str, record: Any) -> tuple[Message, int, float | None]:
         headers=text,
         created_at=record.timestamp / 1000.0,
     )
-    return message, 0, None
+    return message, 0, None, None
 
 
 def _from_envelope(
@@ -298,6 +306,7 @@ class _Record:
     deliveries: int = 0
     lease: str | None = None
     done: bool = False
+    malformed: str | None = None
 
 
 @dataclass(slots=True)
@@ -464,9 +473,14 @@ class _Queue:
                 part.read_to is not None and record.offset < part.read_to
             ):
                 continue
-            message, base, due = _decode(self.topic, record)
+            message, base, due, malformed = _decode(self.topic, record)
             part.records[record.offset] = _Record(
-                tp, record.offset, message, base, due if due is not None else 0.0
+                tp,
+                record.offset,
+                message,
+                base,
+                due if due is not None else 0.0,
+                malformed=malformed,
             )
             part.read_to = record.offset + 1
 
@@ -948,7 +962,7 @@ class KafkaBroker:
                 record.visible_at = now + lease
                 message = record.message.with_attempt(record.base + record.deliveries)
                 receipt = f"{record.tp.topic}|{record.tp.partition}|{record.offset}|{record.lease}"
-                out.append(Delivery(message, group, receipt))
+                out.append(Delivery(message, group, receipt, malformed=record.malformed))
             return out
 
     async def ack(self, deliveries: Sequence[Delivery]) -> int:

@@ -88,6 +88,7 @@ from nats.js.api import (
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
@@ -647,20 +648,29 @@ class NatsBroker:
         if target != _ALL and target != self._target(group):
             await self._reply(msg.reply, b"+TERM")
             return None
+        malformed: str | None = None
         try:
             message = self._decode(msg)
         except (ValueError, KeyError, TypeError, MessageError) as exc:
-            log.error(
-                "terminating unreadable NATS message %s on %s: %s",
-                sseq,
-                msg.subject,
-                exc,
-                extra={"event": "conveyor.broker_unreadable"},
-            )
-            await self._dead(msg, group)
-            return None
+            # Delivered as malformed: the runtime dead-letters it in the store
+            # (with `conveyor dlq`), then acknowledges it.
+            malformed = short_reason(exc)
+            message = malformed_delivery(
+                topic=topic,
+                group=group,
+                receipt="",
+                reason=malformed,
+                where=f"{self._stream}/{sseq}",
+                payload=bytes(msg.data),
+                headers=dict(msg.headers or {}),
+                attempt=delivered,
+            ).message
         now = time.time()
-        if message.not_before is not None and message.not_before > now + 0.005:
+        if (
+            malformed is None
+            and message.not_before is not None
+            and message.not_before > now + 0.005
+        ):
             due = message.not_before
             await self._reply(msg.reply, _nak(due - now))
             self._released.setdefault(queue, {})[sseq] = due
@@ -687,10 +697,13 @@ class NatsBroker:
             short=lease < self._config.ack_wait - 0.25,
         )
         receipt = f"{msg.reply}|{now + lease!r}"
-        return Delivery(message.with_attempt(delivered), group, receipt)
+        return Delivery(message.with_attempt(delivered), group, receipt, malformed=malformed)
 
     def _decode(self, msg: Msg) -> Message:
-        return Message.from_envelope(json.loads((msg.headers or {})[_ENVELOPE]), bytes(msg.data))
+        envelope = json.loads((msg.headers or {})[_ENVELOPE])
+        if not isinstance(envelope, dict):
+            raise ValueError("the envelope is not a JSON object")
+        return Message.from_envelope(envelope, bytes(msg.data))
 
     async def _dead(self, msg: Msg, group: str) -> None:
         """Copy ``msg`` to the dead-letter stream, then terminate it (a crash

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from conveyor._postgres import (
     MESSAGE_COLUMNS,
@@ -29,9 +28,9 @@ from conveyor._postgres import (
     PostgresBacked,
     PostgresTransaction,
     lock_id,
-    message_from_row,
     message_params,
 )
+from conveyor._rows import claimed
 from conveyor._time import Clock
 from conveyor.brokers._protocol import BrokerBinding, Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError
@@ -264,7 +263,7 @@ class PostgresBroker(PostgresBacked):
         token = uuid.uuid4().hex
         now = self.clock.time()
         rows = await tx.rows(_CLAIM, topic, group, now, limit, token, now + lease)
-        return _deliveries(rows, group, token)
+        return claimed(rows, topic=topic, group=group, token=token, queue=self.db.key)
 
     async def _nack(
         self, tx: PostgresTransaction, retries: Sequence[tuple[Delivery, float]]
@@ -282,13 +281,6 @@ class PostgresBroker(PostgresBacked):
             [now + max(0.0, delay) for _, delay in retries],
         )
         tx.notify.update(f"q:{d.message.topic}" for d, delay in retries if delay <= 0)
-
-
-def _deliveries(rows: Sequence[Any], group: str, token: str) -> list[Delivery]:
-    ordered = sorted(rows, key=lambda r: (-r[6], r[0]))
-    return [
-        Delivery(message_from_row(tuple(r)[2:], r[1]), group, f"{r[0]}:{token}") for r in ordered
-    ]
 
 
 def _receipt(delivery: Delivery) -> tuple[int, str]:
@@ -327,7 +319,7 @@ class _Binding:
         seqs = [r[0] for r in ready[: fresh or 1]]
         token = uuid.uuid4().hex
         rows = await ptx.rows(_CLAIM_SEQS, seqs, token, now + lease)
-        return _deliveries(rows, group, token)
+        return claimed(rows, topic=topic, group=group, token=token, queue=broker.db.key)
 
     async def ack(self, tx: Transaction, deliveries: Sequence[Delivery]) -> None:
         if deliveries:

@@ -91,8 +91,9 @@ from aio_pika.exceptions import AMQPException
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
-from conveyor.errors import BrokerError, ConfigError
+from conveyor.errors import BrokerError, ConfigError, MessageError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RabbitMQBroker"]
@@ -186,6 +187,13 @@ def _int_option(
     if not low <= value <= high:
         raise ConfigError(f"invalid {name} {raw!r} in {url!r}: an integer from {low} to {high}")
     return value
+
+
+def _int_or(value: object, default: int) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return default
 
 
 def _delay_ms(delay: float) -> int:
@@ -430,12 +438,19 @@ class RabbitMQBroker:
             consumer.buffer.clear()
             if not waiting:
                 continue
-            routes = []
+            routes, readable = [], []
             for incoming in waiting:
-                message = self._decode(incoming, consumer.topic)
+                try:
+                    message = self._decode(incoming, consumer.topic)
+                except (ValueError, TypeError, MessageError):
+                    # Unreadable: back to the queue as it is; the next fetch
+                    # hands it out as malformed.
+                    await incoming.nack(requeue=True)
+                    continue
+                readable.append(incoming)
                 routes.append((self._encode(message, message.attempt - 1), "", consumer.queue_name))
             await self._send(routes)
-            for incoming in waiting:
+            for incoming in readable:
                 await incoming.ack()
 
     async def _quiesce(self, consumer: _Consumer, deadline: float) -> None:
@@ -629,10 +644,14 @@ class RabbitMQBroker:
         )
 
     def _decode(self, incoming: aio_pika.abc.AbstractIncomingMessage, topic: str) -> Message:
+        """The message of ``incoming``; ``ValueError``, ``TypeError`` or
+        ``MessageError`` when its headers are not what Conveyor writes."""
         headers = incoming.headers or {}
         meta = headers.get(_META)
+        if meta is None:
+            meta = {}  # a plain AMQP message: its body is the payload
         if not isinstance(meta, Mapping):
-            meta = {}
+            raise ValueError(f"the {_META!r} header is {type(meta).__name__}, not a table")
         if self._quorum:
             returned = int(str(headers.get("x-delivery-count") or 0))
         else:
@@ -755,7 +774,22 @@ class RabbitMQBroker:
         self, consumer: _Consumer, incoming: aio_pika.abc.AbstractIncomingMessage, lease: float
     ) -> Delivery:
         receipt = uuid.uuid4().hex
-        delivery = Delivery(self._decode(incoming, consumer.topic), consumer.group, receipt)
+        try:
+            delivery = Delivery(self._decode(incoming, consumer.topic), consumer.group, receipt)
+        except (ValueError, TypeError, MessageError) as exc:
+            # Published by something else with headers Conveyor cannot read:
+            # handed out as malformed, so the runtime dead-letters and acks it.
+            headers = incoming.headers or {}
+            delivery = malformed_delivery(
+                topic=consumer.topic,
+                group=consumer.group,
+                receipt=receipt,
+                reason=short_reason(exc),
+                where=f"{consumer.queue_name}/{incoming.delivery_tag}",
+                id=incoming.message_id,
+                payload=incoming.body,
+                attempt=_int_or(headers.get("x-delivery-count"), 0) + 1,
+            )
         held = _Lease(consumer, incoming, delivery, time.monotonic() + lease)
         held.timer = asyncio.get_running_loop().call_later(lease, self._expire, receipt)
         self._leases[receipt] = held

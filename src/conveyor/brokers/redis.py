@@ -70,8 +70,9 @@ from conveyor._connect import connect_within
 from conveyor._redis import RedisConfig, redact
 from conveyor._redis import client as redis_client
 from conveyor._time import Clock
+from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
-from conveyor.errors import BrokerError
+from conveyor.errors import BrokerError, MessageError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RedisBroker"]
@@ -427,25 +428,33 @@ def _due_ms(message: Message) -> int:
     return int(message.not_before * 1000) if message.not_before is not None else 0
 
 
-def _message(raw: Sequence[object], deliveries: int) -> Message:
-    f = {_bytes(raw[i]).decode(): _bytes(raw[i + 1]) for i in range(0, len(raw), 2)}
-    try:
-        key = f.get("key")
-        not_before = f.get("not_before")
-        return Message(
-            id=f["id"].decode(),
-            topic=f["topic"].decode(),
-            type=f["type"].decode(),
-            key=None if key is None else key.decode(),
-            headers=json.loads(f["headers"]),
-            payload=bytes(f["payload"]),
-            created_at=float(f["created_at"]),
-            priority=int(f["priority"]),
-            attempt=int(f["attempt"]) + deliveries,
-            not_before=None if not_before is None else float(not_before),
-        )
-    except (KeyError, ValueError) as exc:
-        raise BrokerError(f"malformed message entry in Redis: {exc!r}") from exc
+def _entry_fields(raw: Sequence[object]) -> dict[str, bytes]:
+    return {
+        _bytes(raw[i]).decode("utf-8", "replace"): _bytes(raw[i + 1])
+        for i in range(0, len(raw) - 1, 2)
+    }
+
+
+def _message(f: dict[str, bytes], deliveries: int) -> Message:
+    """The message of a stream entry's fields; ``ValueError``, ``KeyError``
+    or ``MessageError`` when they are not a Conveyor envelope."""
+    key = f.get("key")
+    not_before = f.get("not_before")
+    headers = json.loads(f["headers"])
+    if not isinstance(headers, dict):
+        raise ValueError(f"headers are not a JSON object: {f['headers'][:100]!r}")
+    return Message(
+        id=f["id"].decode(),
+        topic=f["topic"].decode(),
+        type=f["type"].decode(),
+        key=None if key is None else key.decode(),
+        headers=headers,
+        payload=bytes(f["payload"]),
+        created_at=float(f["created_at"]),
+        priority=int(f["priority"]),
+        attempt=int(f["attempt"]) + deliveries,
+        not_before=None if not_before is None else float(not_before),
+    )
 
 
 class _Queue:
@@ -646,8 +655,25 @@ class RedisBroker:
         out = []
         for entry in _list(entries):
             entry_id, deliveries, raw = _list(entry)
-            message = _message(_list(raw), _int(deliveries))
-            out.append(Delivery(message, group, f"{_bytes(entry_id).decode()}:{token}"))
+            receipt = f"{_bytes(entry_id).decode()}:{token}"
+            fields = _entry_fields(_list(raw))
+            try:
+                message = _message(fields, _int(deliveries))
+            except (ValueError, KeyError, TypeError, MessageError) as exc:
+                out.append(
+                    malformed_delivery(
+                        topic=topic,
+                        group=group,
+                        receipt=receipt,
+                        reason=short_reason(exc),
+                        where=f"{q.stream}/{_bytes(entry_id).decode()}",
+                        id=fields.get("id", b"").decode("utf-8", "replace"),
+                        payload=fields.get("payload"),
+                        attempt=_int(deliveries),
+                    )
+                )
+                continue
+            out.append(Delivery(message, group, receipt))
         return out
 
     async def ack(self, deliveries: Sequence[Delivery]) -> int:

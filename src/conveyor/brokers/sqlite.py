@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 
+from conveyor._rows import claimed
 from conveyor._sqlite import (
     MESSAGE_COLUMNS,
     Database,
     SqliteBacked,
     SqliteTransaction,
     Version,
-    message_from_row,
     message_params,
 )
 from conveyor._time import Clock
@@ -215,8 +215,7 @@ class SqliteBroker(SqliteBacked):
         token = uuid.uuid4().hex
         now = self.clock.time()
         rows = tx.run(_CLAIM, (token, now + lease, topic, group, now, limit)).fetchall()
-        rows.sort(key=lambda r: (-r[6], r[0]))
-        return [Delivery(message_from_row(r[2:], r[1]), group, f"{r[0]}:{token}") for r in rows]
+        return claimed(rows, topic=topic, group=group, token=token, queue=self.db.key)
 
     def _nack(self, tx: SqliteTransaction, delivery: Delivery, delay: float) -> None:
         seq, lease = _receipt(delivery)

@@ -400,6 +400,15 @@ class Worker:
         app = self.app
         message = delivery.message
         policy = handler.retry
+        if delivery.malformed is not None:
+            return await self._dead(
+                tx,
+                handler,
+                message,
+                f"malformed message: {delivery.malformed}",
+                "MalformedMessage",
+                "",
+            )
         if message.attempt > policy.max_attempts:
             return await self._dead(
                 tx,

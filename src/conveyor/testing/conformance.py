@@ -841,6 +841,83 @@ async def check_dead_letter_after_max_attempts(
         assert record.reason.strip(), "no reason recorded"
 
 
+Injector = Callable[[Broker, str, str], Awaitable[list[str]]]
+"""``await inject(broker, topic, group)`` writes entries into ``broker``'s
+queue of (topic, group) with the broker's own driver, as another program
+might: each one unreadable as a Conveyor message (a field missing, text
+where a number belongs, headers that are not an object...). Each entry has
+an id of its own where the broker's format has one. It returns one short
+description per entry written."""
+
+
+async def check_malformed_entries(
+    make: BrokerFactory, inject: Injector, store: StoreFactory | None = None
+) -> None:
+    """Entries written straight into the broker by something else, which do
+    not read as Conveyor messages, become dead letters whose reason says why
+    (error type ``MalformedMessage``), with their payload kept; they never
+    stop the queue: the good messages published before and after them are
+    all handled, once, and the queue ends empty.
+
+    ``inject`` writes the entries (see ``Injector``): writing raw entries
+    takes the broker's own driver, so each broker's test supplies its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_store = store or UrlStoreFactory(f"sqlite:///{Path(tmp) / 'store.db'}")
+        clock = SystemClock()
+        broker, dead_store = make(clock), make_store(clock)
+        topic, group = _names("malformed")
+        app = App(
+            "conformance",
+            settings=Settings(
+                broker_url=broker.url, store_url=dead_store.url, idle_poll=0.01, lease=30.0
+            ),
+            broker=broker,
+            store=dead_store,
+        )
+        handled: list[int] = []
+
+        @app.handler(topic, group=group, retry=RetryPolicy(max_attempts=3, base_delay=0))
+        async def good(ctx: Context, body: dict[str, int]) -> None:
+            handled.append(body["i"])
+
+        async with app:
+            await app.broker.publish([Message.create(topic, {"i": i}) for i in range(10)])
+            kinds = await inject(app.broker, topic, group)
+            await app.broker.publish([Message.create(topic, {"i": i}) for i in range(10, 20)])
+
+            async def dead() -> list[DeadLetterRecord]:
+                return await dead_store.dead_letters(DeadLetterFilter(group=group))
+
+            async def settled() -> bool:
+                return (
+                    len(handled) >= 20
+                    and len(await dead()) >= len(kinds)
+                    and _depth(await broker.stats(), topic, group) == (0, 0, 0)
+                )
+
+            worker = app.worker(grace_period=5.0)
+            running = asyncio.create_task(worker.run())
+            try:
+                await _eventually(
+                    settled, timeout=60.0, what=f"20 good messages and {len(kinds)} dead letters"
+                )
+            finally:
+                worker.stop()
+                await asyncio.wait_for(running, 10.0)
+            records = await dead()
+        assert kinds, "the injector wrote nothing"
+        assert sorted(handled) == list(range(20)), f"good messages handled: {sorted(handled)}"
+        assert len(records) == len(kinds), (
+            f"{len(records)} dead letters for {len(kinds)} malformed entries ({kinds})"
+        )
+        prefix = "malformed message: "
+        for record in records:
+            assert record.error_type == "MalformedMessage", record.error_type
+            assert record.reason.startswith(prefix), record.reason
+            assert len(record.reason) > len(prefix) + 5, f"no reason given: {record.reason!r}"
+            assert record.message.topic == topic
+
+
 BROKER_CHECKS: tuple[BrokerCheck, ...] = (
     check_round_trip,
     check_fan_out,
