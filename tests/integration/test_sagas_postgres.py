@@ -298,3 +298,66 @@ async def test_fifty_concurrent_sagas_complete_and_each_history_rebuilds(broker:
                 *["sent", "succeeded"] * len(STEPS),
                 "completed",
             ]
+
+
+async def test_two_deliveries_of_one_compensation_on_two_replicas_undo_once() -> None:
+    """The same compensation delivered twice at once to two replicas (a resend
+    after its timeout while the first still runs) undoes the step once: the
+    second waits for the first's record, then finds the step compensated.
+    The first undo holds on until the second delivery has started."""
+    url = namespaced(POSTGRES_URL, prefix="saga")
+    settings = Settings(broker_url=url, store_url=url, idle_poll=0.01, prefetch=1)
+    started: list[str] = []
+    both_started = asyncio.Event()
+    undone: list[str] = []
+
+    def replica(name: str) -> App:
+        app = App(name, settings=settings)
+        sagas = Sagas(app)
+
+        async def seen(ctx: Context, call_next: Any) -> None:
+            started.append(name)
+            if len(started) == 2:
+                both_started.set()
+            await call_next()
+
+        app.use(seen)
+
+        @sagas.participant("svc.undo_charge", group="undo_charge")
+        async def undo(ctx: Context, data: dict[str, Any]) -> None:
+            undone.append(name)
+            if len(undone) == 1:
+                await asyncio.wait_for(both_started.wait(), 20)
+
+        return app
+
+    one, two = replica("one"), replica("two")
+    headers = {
+        "saga-id": "s-1",
+        "saga-step": "charge",
+        "saga-phase": "compensation",
+        "saga-token": "t-1",
+        "saga-reply-to": "saga.order",
+    }
+    try:
+        async with one, two:
+            async with one.transaction() as s:
+                await s.execute(
+                    "INSERT INTO conveyor_saga_steps (saga_id, step, status, reply, updated_at) "
+                    "VALUES ('s-1', 'charge', 'done', '{\"ok\": true, \"data\": {}}', 0)"
+                )
+            for _ in range(2):
+                await one.publish("svc.undo_charge", {"order": 1}, headers=headers)
+            async with running(one), running(two):
+                await eventually(lambda: len(started) == 2, timeout=20, what="both deliveries ran")
+                await drained(one)
+                await drained(two)
+            async with one.transaction() as s:
+                status = await s.fetchone(
+                    "SELECT status FROM conveyor_saga_steps WHERE saga_id = 's-1'"
+                )
+        assert sorted(started) == ["one", "two"]
+        assert len(undone) == 1, f"the compensation ran {len(undone)} times: {undone}"
+        assert status == ("compensated",)
+    finally:
+        await drop_all([url])

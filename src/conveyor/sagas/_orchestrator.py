@@ -606,13 +606,31 @@ class Sagas:
             await record("voided", {"ok": False, "reason": "voided"})
             await reply(True)
             return
+        # Take the step before undoing it: a conditional update that locks the
+        # record until this transaction ends. A second delivery of the same
+        # compensation (a resend after a timeout, on another replica) waits
+        # here, then finds the step compensated and does nothing.
+        taken = await tx.execute(
+            "UPDATE conveyor_saga_steps SET status = 'compensated', reply = ?, updated_at = ? "
+            "WHERE saga_id = ? AND step = ? AND status = 'done'",
+            [_dumps({"ok": True}), now, saga_id, step],
+        )
+        if not taken:
+            await reply(True)
+            return
         try:
             async with tx.savepoint():
                 await call(ctx)
         except StepFailed as exc:
+            # Not undone: the step is done again, for the next attempt.
+            assert row is not None
+            await tx.execute(
+                "UPDATE conveyor_saga_steps SET status = 'done', reply = ? "
+                "WHERE saga_id = ? AND step = ?",
+                [row[1], saga_id, step],
+            )
             await reply(False, reason=exc.reason)
             return
-        await record("compensated", {"ok": True})
         await reply(True)
 
 
