@@ -61,6 +61,7 @@ T = TypeVar("T")
 
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DDL = re.compile(r"\s*(CREATE|ALTER|DROP|COMMENT|GRANT)\b", re.IGNORECASE)
 _INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
 _FLOAT_OPTIONS = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "reconnect_for": 30.0}
 _PASSTHROUGH = ("sslmode",)
@@ -259,9 +260,15 @@ class PostgresTransaction:
     quoted identifier or comment is left alone, so the jsonb ``?`` operator
     cannot be written here: use ``jsonb_exists``). Values must match their
     column types exactly (asyncpg does not coerce a str into an integer).
+
+    Schema changes (``CREATE``, ``ALTER``, ``DROP``...) first take the
+    namespace's DDL lock for the rest of the transaction: processes that
+    create the same tables at the same moment (``CREATE TABLE IF NOT
+    EXISTS`` races on PostgreSQL's catalog) then do it one after another.
     """
 
     __slots__ = (
+        "_ddl_locked",
         "_depth",
         "_pending",
         "_unreleased",
@@ -278,6 +285,7 @@ class PostgresTransaction:
         self.database = database
         self.conn = conn
         self.error = error
+        self._ddl_locked = False
         self._depth = 0
         self._pending: list[str] = []
         self._unreleased: str | None = None
@@ -290,6 +298,13 @@ class PostgresTransaction:
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement; return the number of rows it changed."""
+        if not self._ddl_locked and _DDL.match(sql):
+            await self._call(
+                self.conn.execute,
+                "SELECT pg_advisory_xact_lock($1)",
+                lock_id("ddl", self.database.options.namespace),
+            )
+            self._ddl_locked = True
         return _rowcount(await self._call(self.conn.execute, translate(sql), *params))
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
@@ -542,7 +557,10 @@ class Database:
                 try:
                     await asyncio.shield(conn.execute("ROLLBACK"))
                 except BaseException:
-                    conn.terminate()
+                    # The connection is gone (or going): drop it. The error
+                    # that got us here is the one to raise, not this one.
+                    with contextlib.suppress(*DRIVER_ERRORS):
+                        conn.terminate()
                 raise
             await tx.run("COMMIT")
         finally:

@@ -353,3 +353,59 @@ async def test_reconnects_after_a_server_restart(private_postgres: _PrivatePostg
     finally:
         await broker.close()
         await store.close()
+
+
+async def test_a_connection_killed_mid_transaction_is_a_store_error(url: str) -> None:
+    """When the server ends the connection of an open transaction, the
+    statement that finds out raises StoreError (not a driver error), and the
+    next transaction works on a fresh connection."""
+    import asyncpg
+
+    from conveyor.errors import StoreError
+
+    app = App("killed", settings=Settings(broker_url=url, store_url=url))
+
+    async def killed_while_open() -> None:
+        async with app.transaction() as s:
+            row = await s.fetchone("SELECT pg_backend_pid()")
+            assert row is not None
+            killer = await asyncpg.connect(url.partition("?")[0])
+            try:
+                await killer.execute("SELECT pg_terminate_backend($1)", row[0])
+            finally:
+                await killer.close()
+            await s.execute("SELECT 1")
+
+    async with app:
+        with pytest.raises(StoreError):
+            await killed_while_open()
+        assert await _count(app, "SELECT 1") == 1
+
+
+async def test_apps_starting_together_on_a_fresh_namespace_all_start() -> None:
+    """Eight apps with sagas, job records and tables of their own connect at
+    once to a fresh namespace, five times: every one starts (concurrent
+    CREATE TABLE IF NOT EXISTS would collide in PostgreSQL's catalog)."""
+    from conveyor.http import Jobs
+    from conveyor.sagas import Sagas
+
+    for _ in range(5):
+        url = namespaced(POSTGRES_URL, prefix="ddl")
+        apps = []
+        for i in range(8):
+            app = App(f"ddl{i}", settings=Settings(broker_url=url, store_url=url))
+            Sagas(app)
+            Jobs(app)
+
+            @app.on_connect
+            async def tables(app: App) -> None:
+                async with app.transaction() as s:
+                    await s.execute("CREATE TABLE IF NOT EXISTS mine (k TEXT PRIMARY KEY)")
+
+            apps.append(app)
+        try:
+            await asyncio.gather(*(a.connect() for a in apps))
+        finally:
+            for a in apps:
+                await a.close()
+            await drop_namespace_async(url)
