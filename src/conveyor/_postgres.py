@@ -42,6 +42,7 @@ import asyncpg
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.errors import ConfigError, ConveyorError, StoreError
 
 __all__ = [
@@ -130,20 +131,20 @@ def parse_url(url: str) -> PgOptions:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - validates the port
     except ValueError as exc:
-        raise ConfigError(f"invalid PostgreSQL URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid PostgreSQL URL {redact(url)!r}: {exc}") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigError(
-            f"not a PostgreSQL URL: {url!r} (expected postgresql://user@host:port/database)"
+            f"not a PostgreSQL URL: {redact(url)!r} (expected postgresql://user@host:port/database)"
         )
     if not parts.hostname:
-        raise ConfigError(f"invalid PostgreSQL URL {url!r}: no host")
+        raise ConfigError(f"invalid PostgreSQL URL {redact(url)!r}: no host")
     if parts.path.strip("/") == "" or "/" in parts.path.strip("/"):
-        raise ConfigError(f"invalid PostgreSQL URL {url!r}: name one database, as in /mydb")
+        raise ConfigError(f"invalid PostgreSQL URL {redact(url)!r}: name one database, as in /mydb")
     query = parse_qs(parts.query, keep_blank_values=True)
     namespace = query.pop("namespace", ["public"])[-1]
     if not _NAMESPACE.match(namespace):
         raise ConfigError(
-            f"invalid namespace={namespace!r} in {url!r}: use letters, digits and _ "
+            f"invalid namespace={namespace!r} in {redact(url)!r}: use letters, digits and _ "
             "(at most 63, not starting with a digit)"
         )
     values: dict[str, Any] = {}
@@ -152,23 +153,27 @@ def parse_url(url: str) -> PgOptions:
         try:
             values[name] = int(raw)
         except ValueError:
-            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: expected an integer") from None
+            raise ConfigError(
+                f"invalid {name}={raw!r} in {redact(url)!r}: expected an integer"
+            ) from None
         if values[name] < (0 if name == "pool_min" else 1):
-            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: too small")
+            raise ConfigError(f"invalid {name}={raw!r} in {redact(url)!r}: too small")
     if values["pool_min"] > values["pool_max"]:
-        raise ConfigError(f"pool_min is larger than pool_max in {url!r}")
+        raise ConfigError(f"pool_min is larger than pool_max in {redact(url)!r}")
     for name, fdefault in _FLOAT_OPTIONS.items():
         raw = query.pop(name, [str(fdefault)])[-1]
         try:
             values[name] = float(raw)
         except ValueError:
-            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: expected seconds") from None
+            raise ConfigError(
+                f"invalid {name}={raw!r} in {redact(url)!r}: expected seconds"
+            ) from None
         if values[name] <= 0:
-            raise ConfigError(f"invalid {name}={raw!r} in {url!r}: must be > 0")
+            raise ConfigError(f"invalid {name}={raw!r} in {redact(url)!r}: must be > 0")
     passthrough = {k: query.pop(k)[-1] for k in _PASSTHROUGH if k in query}
     if query:
         raise ConfigError(
-            f"unknown option(s) {', '.join(sorted(query))} in {url!r}; known: namespace, "
+            f"unknown option(s) {', '.join(sorted(query))} in {redact(url)!r}; known: namespace, "
             f"{', '.join([*_INT_OPTIONS, *_FLOAT_OPTIONS, *_PASSTHROUGH])}"
         )
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passthrough), ""))
@@ -676,7 +681,9 @@ class PostgresBacked:
     @property
     def db(self) -> Database:
         if self._db is None:
-            raise self.error(f"{self.role} {self.url} is not connected; call connect() first")
+            raise self.error(
+                f"{self.role} {redact(self.url)} is not connected; call connect() first"
+            )
         return self._db
 
     async def connect(self) -> None:

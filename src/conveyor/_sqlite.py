@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from conveyor._inotify import DirectoryWatch
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.errors import ConfigError, ConveyorError, StoreError
 
 __all__ = [
@@ -53,27 +54,27 @@ def parse_url(url: str) -> tuple[str, str]:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise ConfigError(f"invalid SQLite URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid SQLite URL {redact(url)!r}: {exc}") from None
     if parts.scheme != "sqlite":
-        raise ConfigError(f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)")
+        raise ConfigError(f"not a SQLite URL: {redact(url)!r} (expected sqlite:///path/to/file.db)")
     if parts.netloc == ":memory:" or parts.path in ("/:memory:", ""):
         path = ":memory:"
     else:
         if parts.netloc:
             raise ConfigError(
-                f"invalid SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db"
+                f"invalid SQLite URL {redact(url)!r}: use sqlite:///relative.db or sqlite:////abs.db"
             )
         path = parts.path[1:]
         if not path:
-            raise ConfigError(f"invalid SQLite URL {url!r}: no file path")
+            raise ConfigError(f"invalid SQLite URL {redact(url)!r}: no file path")
     query = parse_qs(parts.query)
     sync = query.pop("synchronous", ["normal"])[-1].lower()
     if sync not in _SYNCHRONOUS:
         raise ConfigError(
-            f"invalid synchronous={sync!r} in {url!r}; choose one of {', '.join(_SYNCHRONOUS)}"
+            f"invalid synchronous={sync!r} in {redact(url)!r}; choose one of {', '.join(_SYNCHRONOUS)}"
         )
     if query:
-        raise ConfigError(f"unknown option(s) {', '.join(sorted(query))} in {url!r}")
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(query))} in {redact(url)!r}")
     return path, _SYNCHRONOUS[sync]
 
 
@@ -394,7 +395,9 @@ class SqliteBacked:
     @property
     def db(self) -> Database:
         if self._db is None:
-            raise self.error(f"{self.role} {self.url} is not connected; call connect() first")
+            raise self.error(
+                f"{self.role} {redact(self.url)} is not connected; call connect() first"
+            )
         return self._db
 
     async def connect(self) -> None:

@@ -12,6 +12,6 @@ _USERINFO = re.compile(r"(?P<head>://[^/@?#]*?:)[^/@?#]*@")
 _QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|secret|token|sasl_password)=)[^&#]*", re.I)
 
 
-def redact(url: str) -> str:
+def redact(url: object) -> str:
     """``url`` with every password replaced by ``***`` (user names stay)."""
-    return _QUERY.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>***@", url))
+    return _QUERY.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>***@", str(url)))

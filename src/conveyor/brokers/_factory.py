@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from conveyor._drivers import load_backend
 from conveyor._time import Clock
+from conveyor._urls import redact
 from conveyor.brokers._protocol import Broker
 from conveyor.errors import ConfigError
 from conveyor.store._factory import _scheme
@@ -39,5 +40,5 @@ def broker_from_url(url: str, *, clock: Clock | None = None) -> Broker:
         broker: Broker = getattr(load_backend(f"brokers.{module}", extra), name)(url, clock=clock)
         return broker
     raise ConfigError(
-        f"unknown broker URL scheme {scheme!r} in {url!r}; supported: {', '.join(_SCHEMES)}"
+        f"unknown broker URL scheme {scheme!r} in {redact(url)!r}; supported: {', '.join(_SCHEMES)}"
     )

@@ -109,6 +109,7 @@ from aiokafka.partitioner import murmur2
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -154,7 +155,7 @@ class _Config:
 
 
 def _parse(url: str) -> _Config:
-    safe = re.sub(r"//[^@/]*@", "//***@", url)
+    safe = redact(url)
     if not url.startswith("kafka://"):
         raise ConfigError(f"not a Kafka URL: {safe!r} (expected kafka://host:port)")
     rest = url.removeprefix("kafka://")

@@ -88,6 +88,7 @@ from nats.js.api import (
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -153,21 +154,23 @@ def _parse(url: str) -> _Config:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
-        raise ConfigError(f"invalid NATS URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid NATS URL {redact(url)!r}: {exc}") from None
     if parts.scheme != "nats" or not parts.netloc:
-        raise ConfigError(f"invalid NATS URL {url!r}: expected nats://host:port?namespace=NAME")
+        raise ConfigError(
+            f"invalid NATS URL {redact(url)!r}: expected nats://host:port?namespace=NAME"
+        )
     if parts.path not in ("", "/"):
-        raise ConfigError(f"invalid NATS URL {url!r}: no path expected, got {parts.path!r}")
+        raise ConfigError(f"invalid NATS URL {redact(url)!r}: no path expected, got {parts.path!r}")
     userinfo, _, hosts = parts.netloc.rpartition("@")
     prefix = f"{userinfo}@" if userinfo else ""
     servers = [f"nats://{prefix}{h}" for h in hosts.split(",") if h]
     if not servers:
-        raise ConfigError(f"invalid NATS URL {url!r}: no host")
+        raise ConfigError(f"invalid NATS URL {redact(url)!r}: no host")
     values: dict[str, str] = {}
     for name, value in query:
         if name not in _OPTIONS:
             raise ConfigError(
-                f"unknown NATS URL parameter {name!r} in {url!r}; known: {', '.join(_OPTIONS)}"
+                f"unknown NATS URL parameter {name!r} in {redact(url)!r}; known: {', '.join(_OPTIONS)}"
             )
         values[name] = value
     namespace = values.get("namespace", "conveyor")
@@ -314,7 +317,7 @@ class NatsBroker:
         return [urlsplit(s).netloc.rpartition("@")[2] for s in self._config.servers]
 
     def _redacted(self) -> list[str]:
-        return [re.sub(r"//[^@/]*@", "//***@", s) for s in self._config.servers]
+        return [redact(s) for s in self._config.servers]
 
     async def close(self) -> None:
         if self._keeper is not None:

@@ -91,6 +91,7 @@ from aio_pika.exceptions import AMQPException
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -129,32 +130,34 @@ def _parse(url: str) -> _Config:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
     except ValueError as exc:
-        raise ConfigError(f"invalid RabbitMQ URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid RabbitMQ URL {redact(url)!r}: {exc}") from None
     if parts.scheme != "amqp" or not host:
         raise ConfigError(
-            f"invalid RabbitMQ URL {url!r}: expected amqp://user:pass@host:port/vhost"
+            f"invalid RabbitMQ URL {redact(url)!r}: expected amqp://user:pass@host:port/vhost"
         )
     del port
     options: dict[str, str] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name not in _OPTIONS:
             raise ConfigError(
-                f"unknown RabbitMQ URL option {name!r} in {url!r}; supported: {', '.join(_OPTIONS)}"
+                f"unknown RabbitMQ URL option {name!r} in {redact(url)!r}; supported: {', '.join(_OPTIONS)}"
             )
         options[name] = value
     namespace = options.get("namespace", "conveyor")
     if not namespace or "/" in namespace or namespace.startswith("amq."):
         raise ConfigError(
-            f"invalid namespace {namespace!r} in {url!r}: "
+            f"invalid namespace {namespace!r} in {redact(url)!r}: "
             "a non-empty name without '/' that does not start with 'amq.'"
         )
     queue_type = options.get("queue_type", "quorum")
     if queue_type not in ("quorum", "classic"):
-        raise ConfigError(f"invalid queue_type {queue_type!r} in {url!r}: quorum or classic")
+        raise ConfigError(
+            f"invalid queue_type {queue_type!r} in {redact(url)!r}: quorum or classic"
+        )
     max_priority = _int_option(options, "max_priority", 0, 0, 255, url)
     if max_priority and queue_type == "quorum":
         raise ConfigError(
-            f"max_priority needs queue_type=classic in {url!r}: "
+            f"max_priority needs queue_type=classic in {redact(url)!r}: "
             "quorum queues do not support priorities"
         )
     prefetch = _int_option(options, "prefetch", 256, 1, 65535, url)
@@ -170,7 +173,7 @@ def _parse(url: str) -> _Config:
     except ValueError:
         connect_timeout = -1.0
     if not 0 < connect_timeout < math.inf:
-        raise ConfigError(f"invalid connect_timeout {raw!r} in {url!r}: seconds > 0")
+        raise ConfigError(f"invalid connect_timeout {raw!r} in {redact(url)!r}: seconds > 0")
     return _Config(connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout)
 
 
@@ -185,7 +188,9 @@ def _int_option(
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise ConfigError(f"invalid {name} {raw!r} in {url!r}: an integer from {low} to {high}")
+        raise ConfigError(
+            f"invalid {name} {raw!r} in {redact(url)!r}: an integer from {low} to {high}"
+        )
     return value
 
 

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from conveyor._sqlite import parse_url as parse_sqlite_url
 from conveyor._urls import redact
+from conveyor.brokers import broker_from_url
 from conveyor.cli._output import console, error_line, errors, fit, styled, when
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.runtime import (
@@ -31,7 +32,7 @@ from conveyor.runtime import (
 )
 from conveyor.sagas import SagaRecord
 from conveyor.settings import LOG_LEVELS, Settings, load_settings
-from conveyor.store import DeadLetterFilter, DeadLetterRecord
+from conveyor.store import DeadLetterFilter, DeadLetterRecord, store_from_url
 
 __all__ = ["app", "main"]
 
@@ -140,6 +141,9 @@ def _settings(
         env_file, broker_url=broker, store_url=store, log_level=log_level, **overrides
     )
     _setup_logging(settings.log_level)
+    # A bad URL is an error even for a command that then has nothing to read.
+    broker_from_url(settings.broker_url)
+    store_from_url(settings.resolved_store_url)
     return settings
 
 

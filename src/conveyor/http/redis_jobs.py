@@ -34,6 +34,7 @@ from typing import Any
 from conveyor._redis import RedisConfig
 from conveyor._redis import client as redis_client
 from conveyor._time import Clock, SystemClock
+from conveyor._urls import redact
 from conveyor.errors import BrokerError, StoreError
 from conveyor.http._jobs import (
     CANCELLED,
@@ -208,9 +209,9 @@ class RedisJobStore:
         try:
             return await coro
         except RedisError as exc:
-            raise StoreError(f"Redis job store {self.url}: {what} failed: {exc}") from exc
+            raise StoreError(f"Redis job store {redact(self.url)}: {what} failed: {exc}") from exc
         except OSError as exc:
-            raise StoreError(f"Redis job store {self.url}: {what} failed: {exc}") from exc
+            raise StoreError(f"Redis job store {redact(self.url)}: {what} failed: {exc}") from exc
 
     async def ping(self) -> None:
         await self._call("ping", self.client.ping())

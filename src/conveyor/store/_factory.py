@@ -3,6 +3,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from conveyor._time import Clock
+from conveyor._urls import redact
 from conveyor.errors import ConfigError
 from conveyor.store._protocol import Store
 
@@ -24,16 +25,16 @@ def store_from_url(url: str, *, clock: Clock | None = None) -> Store:
         store: Store = load_backend("store.postgres", "postgres").PostgresStore(url, clock=clock)
         return store
     raise ConfigError(
-        f"unknown store URL scheme {scheme!r} in {url!r}; supported: {', '.join(_SCHEMES)}"
+        f"unknown store URL scheme {scheme!r} in {redact(url)!r}; supported: {', '.join(_SCHEMES)}"
     )
 
 
 def _scheme(url: str, what: str) -> str:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(
-            f"invalid {what} URL {url!r}: expected scheme://..., e.g. sqlite:///conveyor.db"
+            f"invalid {what} URL {redact(url)!r}: expected scheme://..., e.g. sqlite:///conveyor.db"
         )
     try:
         return urlsplit(url).scheme.lower()
     except ValueError as exc:
-        raise ConfigError(f"invalid {what} URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid {what} URL {redact(url)!r}: {exc}") from None
