@@ -66,11 +66,12 @@ class DirectoryWatch:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        self._detach()
+        self.detach()
         loop.add_reader(self._fd, self._read)
         self._loop = loop
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
+        """Stop reading events (the kernel keeps them for the next attach)."""
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._fd)
@@ -84,7 +85,7 @@ class DirectoryWatch:
             except BlockingIOError:
                 break
             except OSError:
-                self._detach()
+                self.detach()
                 return
             offset = 0
             while offset + _EVENT.size <= len(data):
@@ -96,6 +97,6 @@ class DirectoryWatch:
             self._on_change(names)
 
     def close(self) -> None:
-        self._detach()
+        self.detach()
         with contextlib.suppress(OSError):
             os.close(self._fd)
