@@ -278,3 +278,44 @@ def test_worker_names_its_broker_and_store_and_warns_of_an_implicit_one(tmp_path
     assert "store sqlite:///conveyor.db" in text
     assert "the store (inbox, outbox, dead letters, your tables) is the local file" in text
     assert proc.returncode == 0
+
+
+def test_dead_letters_page_with_a_total_and_bulk_actions_go_in_batches(tmp_path: Path) -> None:
+    """1,200 dead letters: `dlq list` shows a page with the total and the
+    next cursor, `--json --limit 0` streams them all, `replay --all` and
+    `purge --all` handle every one (the store is read 500 at a time)."""
+    import asyncio
+
+    from conveyor import App, Message, Settings
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+
+    async def fill() -> None:
+        app = App("fill", settings=Settings(broker_url=url))
+        async with app:
+            await app.broker.declare("jobs", "workers")
+            for start in range(0, 1200, 300):
+                async with app.store.transaction() as tx:
+                    for i in range(start, start + 300):
+                        await app.store.dead_letter(
+                            tx,
+                            group="workers",
+                            message=Message.create("jobs", {"i": i}).with_attempt(1),
+                            reason=f"failed {i}",
+                            error_type="E",
+                            traceback="",
+                        )
+
+    asyncio.run(fill())
+    page = cli("dlq", "list", "--limit", "500", "--broker", url, cwd=tmp_path)
+    assert "Dead letters (500 of 1,200; next page: --after 500)" in " ".join(page.stdout.split())
+    second = cli("dlq", "list", "--limit", "500", "--after", "1000", "--broker", url, cwd=tmp_path)
+    assert "(200 of 1,200)" in second.stdout
+    streamed = cli("dlq", "list", "--json", "--limit", "0", "--broker", url, cwd=tmp_path)
+    ids = [json.loads(line)["id"] for line in streamed.stdout.splitlines()]
+    assert ids == list(range(1, 1201))
+    replayed = cli("dlq", "replay", "--all", "--broker", url, cwd=tmp_path)
+    assert replayed.stdout.strip() == "replayed 1200 dead letter(s)", replayed.stderr
+    queues = cli("queues", "--json", "--broker", url, cwd=tmp_path)
+    [row] = [json.loads(line) for line in queues.stdout.splitlines()]
+    assert (row["ready"], row["dead"]) == (1200, 0)

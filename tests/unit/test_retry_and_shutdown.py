@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import App, ConfigError, Context, PermanentError, RetryPolicy
+from conveyor import App, ConfigError, Context, Message, PermanentError, RetryPolicy
 from conveyor.brokers._protocol import Delivery
 from conveyor.brokers.memory import MemoryBroker
 from conveyor.errors import BrokerError, DecodeError, HandlerTimeout
@@ -370,3 +370,48 @@ async def test_generic_path_commits_and_acks_a_batch_together(tmp_path: Path) ->
         assert sum(broker.acks) == 5
         effects = sorted(row[0] for row in store_rows(app, "SELECT msg_id FROM effects"))
         assert effects == sorted(m.id for m in sent)
+
+
+async def test_replay_and_purge_read_dead_letters_a_batch_at_a_time(tmp_path: Path) -> None:
+    """Bulk replay and purge never ask the store for more than 500 records at
+    once, and handle every match (1,100 here)."""
+    from conveyor.runtime import purge_dead_letters, replay_dead_letters
+    from conveyor.store import DeadLetterFilter
+
+    app = App("bulk", settings=settings_for("bound", tmp_path))
+    asked: list[int] = []
+    async with app:
+        await app.broker.declare("t", "g")
+        async with app.store.transaction() as tx:
+            for i in range(1100):
+                await app.store.dead_letter(
+                    tx,
+                    group="g",
+                    message=Message.create("t", {"i": i}).with_attempt(1),
+                    reason="x",
+                    error_type="E",
+                    traceback="",
+                )
+        real = app.store.dead_letters
+
+        async def spy(*args: Any, **kwargs: Any) -> Any:
+            asked.append(kwargs.get("limit", 1000))
+            return await real(*args, **kwargs)
+
+        app.store.dead_letters = spy  # type: ignore[method-assign]
+        assert await replay_dead_letters(app, DeadLetterFilter(group="g")) == 1100
+        assert max(asked) <= 500
+        asked.clear()
+        async with app.store.transaction() as tx:
+            for i in range(700):
+                await app.store.dead_letter(
+                    tx,
+                    group="g",
+                    message=Message.create("t", {"i": i}).with_attempt(1),
+                    reason="x",
+                    error_type="E",
+                    traceback="",
+                )
+        assert await purge_dead_letters(app, DeadLetterFilter()) == 700
+        assert max(asked) <= 500
+        assert await app.store.dead_letter_count() == 0

@@ -26,6 +26,7 @@ from conveyor.errors import ConfigError, ConveyorError
 from conveyor.runtime import (
     App,
     QueueRow,
+    iter_dead_letters,
     purge_dead_letters,
     queue_overview,
     replay_dead_letters,
@@ -469,33 +470,56 @@ def dlq_list(
     group: GroupOpt = None,
     topic: TopicOpt = None,
     error_type: ErrOpt = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    reason: Annotated[str | None, typer.Option(help="Only reasons holding this text.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many; 0: all.")] = 100,
+    after: Annotated[int, typer.Option(min=0, help="Only ids above this one (next page).")] = 0,
     as_json: JsonOpt = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
 ) -> None:
-    """List dead letters, oldest first."""
+    """List dead letters, oldest first, a page at a time (--after ID for the
+    next); the title says how many match in all. --json streams."""
     settings = _settings(broker, store, env_file, log_level)
-    records: list[DeadLetterRecord] = []
-    if _missing_database(settings) is None:
+    if _missing_database(settings) is not None:
+        if not as_json:
+            console.print(styled("no dead letters", "green"))
+        return
+    where = DeadLetterFilter(
+        group=group, topic=topic, error_type=error_type, reason_contains=reason
+    )
+    cap = limit or None
 
-        async def go() -> list[DeadLetterRecord]:
-            async with App("cli", settings=settings) as application:
-                return await application.store.dead_letters(
-                    _filter(None, group, topic, error_type), limit=limit
-                )
-
-        records = _run(go)
     if as_json:
-        for r in records:
-            _print_json(_record_json(r, traceback=False))
+
+        async def stream() -> None:
+            async with App("cli", settings=settings) as application:
+                async for r in iter_dead_letters(application, where, limit=cap, after=after):
+                    _print_json(_record_json(r, traceback=False))
+
+        _run(stream)
         return
+
+    async def page() -> tuple[list[DeadLetterRecord], int]:
+        async with App("cli", settings=settings) as application:
+            # One more than asked: whether a next page exists.
+            wanted = None if cap is None else cap + 1
+            records = [
+                r async for r in iter_dead_letters(application, where, limit=wanted, after=after)
+            ]
+            return records, await application.store.dead_letter_count(where)
+
+    records, total = _run(page)
     if not records:
-        console.print(styled("no dead letters", "green"))
+        console.print(styled("no dead letters" if not total else "no more dead letters", "green"))
         return
-    table = Table(title=f"Dead letters ({len(records)})")
+    more = ""
+    if cap is not None and len(records) > cap:
+        records = records[:cap]
+        more = f"; next page: --after {records[-1].id}"
+    shown = f"{len(records):,} of {total:,}" if len(records) < total else f"{total:,}"
+    table = Table(title=f"Dead letters ({shown}{more})")
     for col in ("id", "group", "topic", "message", "attempts", "error", "dead at"):
         table.add_column(col)
     for r in records:

@@ -2,6 +2,7 @@
 
 from conveyor.runtime._admin import (
     QueueRow,
+    iter_dead_letters,
     purge_dead_letters,
     queue_overview,
     replay_dead_letters,
@@ -18,6 +19,7 @@ __all__ = [
     "QueueRow",
     "Session",
     "Worker",
+    "iter_dead_letters",
     "purge_dead_letters",
     "queue_overview",
     "replay_dead_letters",

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conveyor.brokers._protocol import TransactionalBroker
+from conveyor.messages import Message
 from conveyor.runtime._app import App
-from conveyor.store._protocol import DeadLetterFilter
+from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord
 
-__all__ = ["QueueRow", "purge_dead_letters", "queue_overview", "replay_dead_letters"]
+__all__ = [
+    "QueueRow",
+    "iter_dead_letters",
+    "purge_dead_letters",
+    "queue_overview",
+    "replay_dead_letters",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,32 +43,79 @@ async def queue_overview(app: App) -> list[QueueRow]:
     return [rows[k] for k in sorted(rows)]
 
 
-async def replay_dead_letters(app: App, where: DeadLetterFilter, *, limit: int = 100_000) -> int:
+_BATCH = 500
+
+
+async def iter_dead_letters(
+    app: App, where: DeadLetterFilter | None = None, *, limit: int | None = None, after: int = 0
+) -> AsyncIterator[DeadLetterRecord]:
+    """Matching dead letters by id, fetched ``_BATCH`` at a time: memory stays
+    flat however many there are. ``limit`` None: all of them."""
+    await app.connect()
+    seen = 0
+    while limit is None or seen < limit:
+        size = _BATCH if limit is None else min(_BATCH, limit - seen)
+        page = await app.store.dead_letters(where, limit=size, after=after)
+        for record in page:
+            yield record
+        seen += len(page)
+        if len(page) < size:
+            return
+        after = page[-1].id
+
+
+async def replay_dead_letters(
+    app: App, where: DeadLetterFilter, *, limit: int | None = None
+) -> int:
     """Send matching dead letters back to their group, keeping their message
     ids, so the inbox still refuses anything the group already applied. Each
-    record is removed from the dead-letter queue as it is re-enqueued."""
+    record is removed from the dead-letter queue as it is re-enqueued, a batch
+    at a time (constant memory); returns how many."""
     await app.connect()
-    records = await app.store.dead_letters(where, limit=limit)
     broker, store = app.broker, app.store
     binding = broker.bind(store) if isinstance(broker, TransactionalBroker) else None
-    for record in records:
-        message = record.message.with_attempt(0)
+    # At most what matches now: a message that dies again while the replay
+    # runs is a new dead letter, not one to replay round and round.
+    total = await store.dead_letter_count(where)
+    limit = total if limit is None else min(limit, total)
+    done, after = 0, 0
+    while done < limit:
+        page = await store.dead_letters(where, limit=min(_BATCH, limit - done), after=after)
+        if not page:
+            break
+        by_group: dict[str, list[Message]] = {}
+        for record in page:
+            by_group.setdefault(record.group, []).append(record.message.with_attempt(0))
+        ids = [r.id for r in page]
         if binding is not None:
             async with store.transaction() as tx:
-                await binding.enqueue(tx, record.group, [message])
-                await store.delete_dead_letters(tx, [record.id])
+                for group, messages in by_group.items():
+                    await binding.enqueue(tx, group, messages)
+                await store.delete_dead_letters(tx, ids)
         else:
             # Enqueue first: a crash in between leaves a duplicate the inbox
             # absorbs, never a lost message.
-            await broker.enqueue(record.group, [message])
+            for group, messages in by_group.items():
+                await broker.enqueue(group, messages)
             async with store.transaction() as tx:
-                await store.delete_dead_letters(tx, [record.id])
-    return len(records)
+                await store.delete_dead_letters(tx, ids)
+        done += len(page)
+        after = page[-1].id
+    return done
 
 
 async def purge_dead_letters(app: App, where: DeadLetterFilter) -> int:
-    """Delete matching dead letters for good; returns how many."""
+    """Delete matching dead letters for good, a batch at a time; returns how many."""
     await app.connect()
-    records = await app.store.dead_letters(where, limit=10_000_000)
-    async with app.store.transaction() as tx:
-        return await app.store.delete_dead_letters(tx, [r.id for r in records])
+    store = app.store
+    left = await store.dead_letter_count(where)
+    done, after = 0, 0
+    while left > 0:
+        page = await store.dead_letters(where, limit=min(_BATCH, left), after=after)
+        if not page:
+            break
+        async with store.transaction() as tx:
+            done += await store.delete_dead_letters(tx, [r.id for r in page])
+        left -= len(page)
+        after = page[-1].id
+    return done

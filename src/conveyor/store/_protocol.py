@@ -54,6 +54,12 @@ class DeadLetterFilter:
     group: str | None = None
     topic: str | None = None
     error_type: str | None = None
+    reason_contains: str | None = None
+    """Text the reason holds (case-sensitive substring)."""
+    dead_since: float | None = None
+    """Dead at or after this time (epoch seconds)."""
+    dead_before: float | None = None
+    """Dead before this time (epoch seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +132,15 @@ class Store(Protocol):
         ...
 
     async def dead_letters(
-        self, where: DeadLetterFilter | None = None, *, limit: int = 1000
-    ) -> list[DeadLetterRecord]: ...
+        self, where: DeadLetterFilter | None = None, *, limit: int = 1000, after: int = 0
+    ) -> list[DeadLetterRecord]:
+        """Up to ``limit`` matching dead letters whose id is above ``after``,
+        by id (oldest first): page on with ``after`` = the last id seen."""
+        ...
+
+    async def dead_letter_count(self, where: DeadLetterFilter | None = None) -> int:
+        """How many dead letters match."""
+        ...
 
     async def delete_dead_letters(self, tx: Transaction, ids: Sequence[int]) -> int: ...
 

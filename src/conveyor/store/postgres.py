@@ -212,9 +212,9 @@ class PostgresStore(PostgresBacked):
         )
 
     async def dead_letters(
-        self, where: DeadLetterFilter | None = None, *, limit: int = 1000
+        self, where: DeadLetterFilter | None = None, *, limit: int = 1000, after: int = 0
     ) -> list[DeadLetterRecord]:
-        clause, params = _where(where)
+        clause, params = _where(where, after)
         rows = await self.db.fetch(
             self.error,
             f"SELECT id, grp, attempts, reason, error_type, traceback, dead_at, "
@@ -244,6 +244,13 @@ class PostgresStore(PostgresBacked):
         )
         return int(status.rsplit(" ", 1)[-1])
 
+    async def dead_letter_count(self, where: DeadLetterFilter | None = None) -> int:
+        clause, params = _where(where)
+        [(count,)] = await self.db.fetch(
+            self.error, f"SELECT COUNT(*) FROM conveyor_dead {clause}", *params
+        )
+        return int(count)
+
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         rows = await self.db.fetch(
             self.error, "SELECT topic, grp, COUNT(*) FROM conveyor_dead GROUP BY topic, grp"
@@ -258,20 +265,25 @@ class PostgresStore(PostgresBacked):
         return await self.db.run(self.error, "prune inbox", body)
 
 
-def _where(where: DeadLetterFilter | None) -> tuple[str, tuple[object, ...]]:
+def _where(where: DeadLetterFilter | None, after: int = 0) -> tuple[str, tuple[object, ...]]:
+    params: list[object] = [after]
+    clauses: list[str] = ["id > $1"]
     if where is None:
-        return "", ()
-    clauses: list[str] = []
-    params: list[object] = []
+        return "WHERE id > $1", (after,)
     if where.ids is not None:
         params.append([int(i) for i in where.ids])
         clauses.append(f"id = ANY(${len(params)}::bigint[])")
-    for column, value in (
-        ("grp", where.group),
-        ("topic", where.topic),
-        ("error_type", where.error_type),
+    for column, op, value in (
+        ("grp", "=", where.group),
+        ("topic", "=", where.topic),
+        ("error_type", "=", where.error_type),
+        ("dead_at", ">=", where.dead_since),
+        ("dead_at", "<", where.dead_before),
     ):
         if value is not None:
             params.append(value)
-            clauses.append(f"{column} = ${len(params)}")
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+            clauses.append(f"{column} {op} ${len(params)}")
+    if where.reason_contains is not None:
+        params.append(where.reason_contains)
+        clauses.append(f"strpos(reason, ${len(params)}) > 0")
+    return "WHERE " + " AND ".join(clauses), tuple(params)

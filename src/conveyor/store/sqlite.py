@@ -177,9 +177,9 @@ class SqliteStore(SqliteBacked):
         )
 
     async def dead_letters(
-        self, where: DeadLetterFilter | None = None, *, limit: int = 1000
+        self, where: DeadLetterFilter | None = None, *, limit: int = 1000, after: int = 0
     ) -> list[DeadLetterRecord]:
-        clause, params = _where(where)
+        clause, params = _where(where, after)
         rows = self.db.read(
             f"SELECT id, grp, attempts, reason, error_type, traceback, dead_at, "
             f"{MESSAGE_COLUMNS} FROM conveyor_dead {clause} ORDER BY id LIMIT ?",
@@ -203,6 +203,11 @@ class SqliteStore(SqliteBacked):
         cur = _tx(tx).runmany("DELETE FROM conveyor_dead WHERE id = ?", [(i,) for i in ids])
         return cur.rowcount
 
+    async def dead_letter_count(self, where: DeadLetterFilter | None = None) -> int:
+        clause, params = _where(where)
+        [(count,)] = self.db.read(f"SELECT COUNT(*) FROM conveyor_dead {clause}", params)
+        return int(count)
+
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         rows = self.db.read("SELECT topic, grp, COUNT(*) FROM conveyor_dead GROUP BY topic, grp")
         return {(r[0], r[1]): int(r[2]) for r in rows}
@@ -214,21 +219,26 @@ class SqliteStore(SqliteBacked):
             ).rowcount
 
 
-def _where(where: DeadLetterFilter | None) -> tuple[str, tuple[object, ...]]:
+def _where(where: DeadLetterFilter | None, after: int = 0) -> tuple[str, tuple[object, ...]]:
+    clauses: list[str] = ["id > ?"]
+    params: list[object] = [after]
     if where is None:
-        return "", ()
-    clauses: list[str] = []
-    params: list[object] = []
+        return "WHERE id > ?", (after,)
     if where.ids is not None:
         ids = list(where.ids) or [-1]
         clauses.append(f"id IN ({', '.join('?' * len(ids))})")
         params.extend(ids)
-    for column, value in (
-        ("grp", where.group),
-        ("topic", where.topic),
-        ("error_type", where.error_type),
+    for column, op, value in (
+        ("grp", "=", where.group),
+        ("topic", "=", where.topic),
+        ("error_type", "=", where.error_type),
+        ("dead_at", ">=", where.dead_since),
+        ("dead_at", "<", where.dead_before),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{column} {op} ?")
             params.append(value)
-    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+    if where.reason_contains is not None:
+        clauses.append("instr(reason, ?) > 0")
+        params.append(where.reason_contains)
+    return "WHERE " + " AND ".join(clauses), tuple(params)

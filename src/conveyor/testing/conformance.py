@@ -1142,7 +1142,8 @@ async def check_outbox_lease(make: StoreFactory) -> None:
 
 async def check_store_dead_letters(make: StoreFactory) -> None:
     """Dead letters keep message, reason, error type, traceback, attempts and
-    time; filter by group, topic, error type and ids; one record per (group,
+    time; filter by group, topic, error type, ids, text in the reason and
+    time; page by id with ``after`` and count; one record per (group,
     message id), replaced on a second write; delete and count per (topic, group)."""
     async with _rig(make) as rig:
         store = await rig.store()
@@ -1195,6 +1196,24 @@ async def check_store_dead_letters(make: StoreFactory) -> None:
         assert sorted(r.id for r in by_ids) == sorted(picked), "filter by ids"
         assert await select(DeadLetterFilter(ids=[])) == [], "an empty id list matches nothing"
         assert len(await store.dead_letters(DeadLetterFilter(group=group), limit=1)) == 1, "limit"
+        ours = DeadLetterFilter(group=group)
+        assert await store.dead_letter_count(ours) == 3, "dead_letter_count"
+        pages: list[int] = []
+        after = 0
+        while page := await store.dead_letters(ours, limit=2, after=after):
+            assert len(page) <= 2, "a page over its limit"
+            pages += [r.id for r in page]
+            after = page[-1].id
+        assert pages == sorted(r.id for r in await select(ours)), "paging with after lost rows"
+        assert await keys(DeadLetterFilter(reason_contains=f"on {m2.id}")) == [(group, m2.id)], (
+            "filter by text in the reason"
+        )
+        assert await store.dead_letter_count(DeadLetterFilter(reason_contains="E1 on")) >= 2
+        dead_at = (await select(ours))[0].dead_at
+        assert await keys(DeadLetterFilter(group=group, dead_before=dead_at - 1)) == [], "before"
+        assert len(await keys(DeadLetterFilter(group=group, dead_since=dead_at - 1))) == 3, (
+            "filter by time"
+        )
 
         (kept,) = [r for r in await select(DeadLetterFilter(group=group)) if r.message.id == m1.id]
         _same_message(kept.message, m1)
