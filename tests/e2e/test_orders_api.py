@@ -23,7 +23,7 @@ def _app(tmp_path: Path, *, stock: int = 10) -> App:
     app = create_app(
         settings=Settings(broker_url=url, store_url=url, idle_poll=0.02),
         faults=Faults.none(),
-        webhook_allow=["127.0.0.1/32"],
+        webhook_allow=["127.0.0.1/32:*"],
     )
 
     @app.on_connect

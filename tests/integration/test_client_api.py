@@ -45,7 +45,7 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
     """A job API with webhooks (127.0.0.1 allowed) on SQLite, connected."""
     app = App("client-api", settings=settings_for("bound", tmp_path))
     hooks = Webhooks(
-        app, allow=["127.0.0.1/32"], retry=RetryPolicy(max_attempts=3, base_delay=0.01)
+        app, allow=["127.0.0.1/32:*"], retry=RetryPolicy(max_attempts=3, base_delay=0.01)
     )
     jobs = Jobs(app, webhooks=hooks)
 

@@ -36,7 +36,7 @@ OWNER = "key-1"
 async def webhook_app(settings: Settings, **options: Any) -> AsyncIterator[tuple[App, Webhooks]]:
     """An App with ``Webhooks`` (127.0.0.1 allowed) and its tables created."""
     app = App("hooks", settings=settings)
-    options.setdefault("allow", ["127.0.0.1/32"])
+    options.setdefault("allow", ["127.0.0.1/32:*"])
     options.setdefault("retry", QUICK)
     hooks = Webhooks(app, **options)
     try:

@@ -117,7 +117,7 @@ async def test_allow_list_permits_cidrs_and_host_names() -> None:
     """A CIDR on the allow-list permits its addresses; a host name on it
     permits that name whatever it resolves to; nothing else is loosened."""
     dns = FakeDNS({"hooks.internal": ["10.1.2.3"], "other.internal": ["10.9.9.9"]})
-    guard = Guard(allow=["127.0.0.1/32", "hooks.internal"], resolver=dns)
+    guard = Guard(allow=["127.0.0.1/32:8080", "hooks.internal"], resolver=dns)
     assert (await guard.check("http://127.0.0.1:8080/x")).address == "127.0.0.1"
     assert (await guard.check("http://HOOKS.internal./x")).address == "10.1.2.3"
     with pytest.raises(UnsafeTarget):
@@ -126,7 +126,39 @@ async def test_allow_list_permits_cidrs_and_host_names() -> None:
         await guard.check("http://other.internal/x")
 
 
-@pytest.mark.parametrize("entry", ["", "10.0.0.0/33", "not a host"])
+async def test_allow_list_entries_open_only_their_ports() -> None:
+    """An entry opens the ports it names (80 and 443 when it names none):
+    allowing 127.0.0.1 for a webhook receiver does not open the Redis beside it."""
+    dns = FakeDNS({"hooks.internal": ["10.1.2.3"]})
+    guard = Guard(
+        allow=[
+            "127.0.0.1:8901",
+            "10.0.0.0/8:8000-8999",
+            "hooks.internal:8443",
+            "[::1]:*",
+            "192.168.1.5",
+        ],
+        resolver=dns,
+    )
+    assert (await guard.check("http://127.0.0.1:8901/x")).port == 8901
+    assert (await guard.check("http://10.2.3.4:8500/x")).address == "10.2.3.4"
+    assert (await guard.check("https://hooks.internal:8443/x")).address == "10.1.2.3"
+    assert (await guard.check("http://[::1]:6379/x")).address == "::1"
+    assert (await guard.check("https://192.168.1.5/x")).port == 443
+    for refused in (
+        "http://127.0.0.1:6379/x",
+        "http://127.0.0.1/x",
+        "http://10.2.3.4:9000/x",
+        "https://hooks.internal/x",
+        "http://192.168.1.5:5432/x",
+    ):
+        with pytest.raises(UnsafeTarget, match="port"):
+            await guard.check(refused)
+
+
+@pytest.mark.parametrize(
+    "entry", ["", "10.0.0.0/33", "not a host", "127.0.0.1:0", "127.0.0.1:http", "[::1", "h:9-1"]
+)
 def test_bad_allow_list_entries_are_config_errors(entry: str) -> None:
     """An allow-list entry that is neither a CIDR nor a host name is refused up front."""
     with pytest.raises(ConfigError):

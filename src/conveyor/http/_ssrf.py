@@ -18,9 +18,10 @@ make the worker POST to ``http://169.254.169.254/`` (cloud metadata), to
    is no second DNS look-up between the check and the connection, so DNS
    rebinding cannot swap in a private address.
 
-An allow-list (CIDRs and/or host names) permits targets the guard would
-refuse: tests and local deployments allow ``127.0.0.1/32``; a host name on
-the list skips the address check (it is still resolved once and pinned).
+An allow-list (CIDRs and/or host names, each with its ports) permits targets
+the guard would refuse: tests and local deployments allow ``127.0.0.1:PORT``;
+a host name on the list skips the address check (it is still resolved once
+and pinned). An entry without ports opens 80 and 443 only.
 """
 
 from __future__ import annotations
@@ -145,31 +146,82 @@ def _normal_host(host: str) -> str:
     return host.rstrip(".").lower()
 
 
+def _opens(ports: Sequence[tuple[int, int]], port: int) -> bool:
+    return any(low <= port <= high for low, high in ports)
+
+
+Ports = tuple[int, int]
+"""An inclusive range of ports."""
+
+_DEFAULT_PORTS: tuple[Ports, ...] = ((80, 80), (443, 443))
+
+
+def _ports(text: str, entry: str) -> tuple[Ports, ...]:
+    """``8080``, ``8000-8999`` or ``*`` (a comma-separated list of those)."""
+    out: list[Ports] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "*":
+            out.append((1, 65535))
+            continue
+        low, dash, high = part.partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())):
+            raise ConfigError(f"webhook allow-list entry {entry!r}: {part!r} is not a port")
+        first, last = int(low), int(high if dash else low)
+        if not 1 <= first <= last <= 65535:
+            raise ConfigError(f"webhook allow-list entry {entry!r}: ports are 1 to 65535")
+        out.append((first, last))
+    return tuple(out)
+
+
+def _split(entry: str) -> tuple[str, tuple[Ports, ...]]:
+    """An allow-list entry as (address, CIDR or host name; its ports)."""
+    text = entry.strip()
+    if text.startswith("["):  # [IPv6 or IPv6 CIDR]:ports
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"webhook allow-list entry {entry!r}: no closing ']'")
+        if not rest:
+            return inside, _DEFAULT_PORTS
+        if not rest.startswith(":"):
+            raise ConfigError(f"webhook allow-list entry {entry!r}: expected ]:PORT")
+        return inside, _ports(rest[1:], entry)
+    if text.count(":") == 1:  # IPv4, CIDR or host name, then :ports
+        where, _, ports = text.partition(":")
+        return where, _ports(ports, entry)
+    return text, _DEFAULT_PORTS  # no port (an IPv6 address needs brackets for one)
+
+
 class Guard:
     """Checks webhook URLs; see the module doc.
 
-    ``allow`` holds CIDRs (``"127.0.0.1/32"``, ``"10.0.0.0/8"``, a bare
-    address) and host names (``"hooks.internal"``) permitted despite the
-    rules. ``resolver`` defaults to ``system_resolver``.
+    ``allow`` holds entries permitted despite the rules: a CIDR or bare
+    address (``"127.0.0.1/32"``, ``"10.0.0.0/8"``, ``"[fd00::/8]"``) or a host
+    name (``"hooks.internal"``), each with the ports it opens after a colon
+    (``"127.0.0.1:8901"``, ``"10.0.0.0/8:8000-8999"``, ``"hooks.internal:*"``;
+    ``[...]`` around IPv6). Without ports an entry opens 80 and 443 only, so
+    allowing a host never opens its other services (a Redis on 6379). Public
+    addresses need no entry, on any port. ``resolver`` defaults to
+    ``system_resolver``.
     """
 
     def __init__(self, *, allow: Sequence[str] = (), resolver: Resolver | None = None) -> None:
-        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        hosts: set[str] = set()
+        networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[Ports, ...]]] = []
+        hosts: dict[str, tuple[Ports, ...]] = {}
         for entry in allow:
-            text = entry.strip()
-            if not text:
+            if not entry.strip():
                 raise ConfigError("an empty entry in the webhook allow-list; remove it")
+            text, ports = _split(entry)
             try:
-                networks.append(ipaddress.ip_network(text, strict=False))
+                networks.append((ipaddress.ip_network(text, strict=False), ports))
             except ValueError:
-                if "/" in text or ":" in text or " " in text:
+                if not text or "/" in text or ":" in text or " " in text:
                     raise ConfigError(
                         f"webhook allow-list entry {entry!r} is neither a CIDR nor a host name"
                     ) from None
-                hosts.add(_normal_host(text))
+                hosts[_normal_host(text)] = (*hosts.get(_normal_host(text), ()), *ports)
         self.networks = tuple(networks)
-        self.hosts = frozenset(hosts)
+        self.hosts = hosts
         self.resolver: Resolver = resolver or system_resolver
 
     def parse(self, url: str | httpx.URL) -> httpx.URL:
@@ -194,9 +246,14 @@ class Guard:
             raise UnsafeTarget(f"webhook URL {text!r} has no host")
         return parsed
 
-    def permits(self, ip: IPAddress) -> bool:
-        """Whether ``ip`` may be connected to: public, or on the allow-list."""
-        return is_public(ip) or any(ip in net for net in self.networks if net.version == ip.version)
+    def permits(self, ip: IPAddress, port: int) -> bool:
+        """Whether ``ip``:``port`` may be connected to: a public address, or
+        one the allow-list opens on that port."""
+        return is_public(ip) or any(
+            ip in net and _opens(ports, port)
+            for net, ports in self.networks
+            if net.version == ip.version
+        )
 
     async def check(self, url: str | httpx.URL) -> Target:
         """Parse and resolve ``url``; refuse it (``UnsafeTarget``) unless every
@@ -221,14 +278,15 @@ class Guard:
             if not resolved:
                 raise httpx.ConnectError(f"webhook host {host!r} resolves to no address")
             addresses = [ipaddress.ip_address(a) for a in resolved]
-        if literal is None and _normal_host(host) in self.hosts:
+        if literal is None and _opens(self.hosts.get(_normal_host(host), ()), port):
             return Target(url=parsed, host=host, port=port, address=str(addresses[0]))
-        refused = [str(a) for a in addresses if not self.permits(a)]
+        refused = [str(a) for a in addresses if not self.permits(a, port)]
         if refused:
             shown = host if literal is not None else f"{host} ({', '.join(refused)})"
             raise UnsafeTarget(
-                f"webhook URL {str(parsed)!r} refused: {shown} is not a public address; "
-                "if this target is intended, add it to the webhook allow-list"
+                f"webhook URL {str(parsed)!r} refused: {shown} port {port} is not a public "
+                "address; if this target is intended, add it (with its port) to the webhook "
+                "allow-list"
             )
         return Target(url=parsed, host=host, port=port, address=str(addresses[0]))
 
