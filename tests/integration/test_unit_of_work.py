@@ -607,3 +607,29 @@ class AckCrashesOnce:
 
     async def stats(self) -> list[QueueStats]:
         return await self.inner.stats()
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_payload_over_max_payload_is_dead_lettered_on_consume(
+    path: str, tmp_path: Path
+) -> None:
+    """A message bigger than the app's max_payload, put in the broker by a
+    producer with a higher limit, is dead-lettered unhandled with the reason;
+    the small one beside it is handled."""
+    app = App("limits", settings=settings_for(path, tmp_path, max_payload=1000))
+    seen: list[int] = []
+
+    @app.handler("in", group="g")
+    async def handle(ctx: Context, body: dict[str, object]) -> None:
+        seen.append(len(ctx.message.payload))
+
+    async with app:
+        big = Message.create("in", {"pad": "x" * 5000}, max_payload=10_000)
+        small = Message.create("in", {"pad": "x"})
+        await app.broker.publish([big, small])
+        await drained(app)
+        [dead] = await app.store.dead_letters()
+    assert seen == [len(small.payload)]
+    assert dead.message.id == big.id
+    assert dead.error_type == "PayloadTooLarge"
+    assert "over max_payload (1000 bytes)" in dead.reason

@@ -409,6 +409,18 @@ class Worker:
                 "MalformedMessage",
                 "",
             )
+        if len(message.payload) > app.settings.max_payload:
+            # Written by something that skipped publish()'s check: refused
+            # here too, so a handler never sees more than the bound.
+            return await self._dead(
+                tx,
+                handler,
+                message,
+                f"payload of {len(message.payload)} bytes is over max_payload "
+                f"({app.settings.max_payload} bytes)",
+                "PayloadTooLarge",
+                "",
+            )
         if message.attempt > policy.max_attempts:
             return await self._dead(
                 tx,
