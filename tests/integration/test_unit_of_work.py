@@ -633,3 +633,65 @@ async def test_a_payload_over_max_payload_is_dead_lettered_on_consume(
     assert dead.message.id == big.id
     assert dead.error_type == "PayloadTooLarge"
     assert "over max_payload (1000 bytes)" in dead.reason
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_prepare_calls_out_before_the_transaction_opens(path: str, tmp_path: Path) -> None:
+    """A handler's prepare runs before its transaction: while it waits on a
+    slow service another transaction commits at once (on SQLite nothing holds
+    the write lock), and the handler records what prepare returned."""
+    app = App("calls", settings=settings_for(path, tmp_path))
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def call_service(message: Message) -> str:
+        entered.set()
+        await release.wait()
+        return f"answer to {message.decode(dict)['q']}"
+
+    @app.handler("questions", group="g", prepare=call_service)
+    async def record(ctx: Context, body: dict[str, str]) -> None:
+        await ctx.execute("INSERT INTO effects (msg_id, n) VALUES (?, ?)", (ctx.prepared, 1))
+
+    async with app:
+        await create_effects(app)
+        await app.publish("questions", {"q": "life"})
+        async with running(app):
+            await asyncio.wait_for(entered.wait(), 10)
+            async with asyncio.timeout(10):  # would wait for the call if it held the lock
+                async with app.transaction() as s:
+                    await s.execute("INSERT INTO effects (msg_id, n) VALUES ('meanwhile', 2)")
+            release.set()
+            await drained(app)
+        assert effects(app) == [("answer to life", 1), ("meanwhile", 1)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_prepare_that_raises_is_retried_then_dead_lettered(
+    path: str, tmp_path: Path
+) -> None:
+    """An exception in prepare is the handler's failure, met at ctx.prepared:
+    retried on the handler's policy, then dead-lettered with it."""
+    app = App("calls", settings=settings_for(path, tmp_path))
+    calls: list[int] = []
+
+    async def call_service(message: Message) -> str:
+        calls.append(message.attempt)
+        raise ConnectionError("service down")
+
+    @app.handler(
+        "questions",
+        group="g",
+        prepare=call_service,
+        retry=RetryPolicy(max_attempts=2, base_delay=0),
+    )
+    async def record(ctx: Context, body: dict[str, str]) -> None:
+        await ctx.execute("INSERT INTO effects (msg_id, n) VALUES (?, 1)", (ctx.prepared,))
+
+    async with app:
+        await create_effects(app)
+        await app.publish("questions", {"q": "life"})
+        await drained(app)
+        [dead] = await app.store.dead_letters()
+        assert effects(app) == []
+    assert calls == [1, 2]
+    assert "ConnectionError: service down" in dead.reason

@@ -116,6 +116,7 @@ class App:
         rate_limit_key: Callable[[Message], Hashable] | None = None,
         bulkhead: Bulkhead | None = None,
         retry_budget: RetryBudget | None = None,
+        prepare: Callable[[Message], Awaitable[object]] | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``async def f(ctx, body: Model)`` for ``topic`` in ``group``
         (default: the function's name). ``body`` is decoded from the payload
@@ -127,7 +128,15 @@ class App:
         ``bulkhead`` guards each handler call; ``retry_budget`` caps retries
         (see docs/resilience.md). While any of ``breakers`` is open this
         consumer stops fetching; while one is half-open it fetches one message
-        at a time, as the probe."""
+        at a time, as the probe.
+
+        ``prepare`` is for a handler that calls another service: ``await
+        prepare(message)`` runs before the message's transaction opens (after
+        its rate-limit permit), so a slow service holds no database lock; the
+        handler then finds the result in ``ctx.prepared`` and records it in
+        its transaction. It runs again when the message is redelivered, also
+        for a duplicate the inbox then skips, so it must be idempotent (send
+        an idempotency key)."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if prefetch is not None and prefetch < 1:
@@ -158,6 +167,7 @@ class App:
                     rate_limit_key=rate_limit_key,
                     bulkhead=bulkhead,
                     retry_budget=retry_budget,
+                    prepare=prepare,
                 )
             )
             return func

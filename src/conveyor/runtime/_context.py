@@ -4,12 +4,14 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
+from conveyor.errors import ConfigError
 from conveyor.messages import Codec, Message
 from conveyor.store._protocol import Transaction
 
 __all__ = ["Context", "Middleware", "PublishOptions", "Session", "build_message"]
 
 _log = logging.getLogger("conveyor.handler")
+_NOT_PREPARED = object()
 
 Publisher = Callable[[Transaction, Sequence[Message]], Awaitable[None]]
 
@@ -81,7 +83,7 @@ class Context(Session):
     have it as their causation id.
     """
 
-    __slots__ = ("_log", "group", "message")
+    __slots__ = ("_log", "_prepare_failed", "_prepared", "group", "message")
 
     def __init__(
         self,
@@ -96,6 +98,24 @@ class Context(Session):
         self.message = message
         self.group = group
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self._prepared: object = _NOT_PREPARED
+        self._prepare_failed = False
+
+    def set_prepared(self, value: object, *, failed: bool = False) -> None:
+        """Set by the worker: what the handler's ``prepare`` returned (or raised)."""
+        self._prepared, self._prepare_failed = value, failed
+
+    @property
+    def prepared(self) -> Any:
+        """What the handler's ``prepare(message)`` returned, called before this
+        transaction opened; if it raised, the same exception is raised here
+        (a failure of the handler, retried as any other)."""
+        if self._prepared is _NOT_PREPARED:
+            raise ConfigError("this handler has no prepare=; nothing was prepared")
+        if self._prepare_failed:
+            assert isinstance(self._prepared, BaseException)
+            raise self._prepared
+        return self._prepared
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

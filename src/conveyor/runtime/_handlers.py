@@ -35,6 +35,7 @@ class Handler:
     rate_limit_key: Callable[[Message], Hashable] | None = None
     bulkhead: Bulkhead | None = None
     retry_budget: RetryBudget | None = None
+    prepare: Callable[[Message], Awaitable[object]] | None = None
 
     @staticmethod
     def inspect_body(func: Callable[..., Awaitable[object]]) -> type[Any] | None:

@@ -58,6 +58,14 @@ class _Outcome:
     """Dead-lettered in the store: (reason, error_type), for a ``DeadLetterSink``."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A ``prepare`` call that raised: the handler meets the error at ``ctx.prepared``."""
+
+    error: Exception
+
+
+_UNSET = object()
 _ACK = _Outcome()
 _APPLIED = _Outcome(applied=True)
 
@@ -215,9 +223,11 @@ class Worker:
         if not deliveries:
             return 0
         try:
-            await self._await_permits(handler, deliveries)
+            prepared = await self._before(handler, deliveries)
             async with store.transaction() as tx:
-                outcomes = await self._handle_all(handler, call, tx, deliveries, binding.publish)
+                outcomes = await self._handle_all(
+                    handler, call, tx, deliveries, binding.publish, prepared
+                )
                 settled = list(zip(deliveries, outcomes, strict=True))
                 await binding.ack(tx, [d for d, outcome in settled if not outcome.retry])
                 await binding.nack(tx, [(d, o.delay) for d, o in settled if o.retry])
@@ -246,7 +256,7 @@ class Worker:
             return 0
         if handler.concurrency == 1:
             try:
-                await self._await_permits(handler, deliveries)
+                prepared = await self._before(handler, deliveries)
             except BaseException:
                 with contextlib.suppress(Exception):  # hand the batch back now
                     for delivery in deliveries:
@@ -258,7 +268,7 @@ class Worker:
             fresh = [d for d in deliveries if d.message.attempt == 1]
             again = [[d] for d in deliveries if d.message.attempt > 1]
             for group in [fresh, *again] if fresh else again:
-                await self._grouped(handler, call, group)
+                await self._grouped(handler, call, group, prepared)
             return len(deliveries)
         limit = asyncio.Semaphore(handler.concurrency)
 
@@ -268,10 +278,10 @@ class Worker:
                     await broker.nack(delivery, delay=0.0)
                     return
                 try:
-                    await self._await_permits(handler, [delivery])
+                    prepared = await self._before(handler, [delivery])
                     async with store.transaction() as tx:
                         [outcome] = await self._handle_all(
-                            handler, call, tx, [delivery], store.outbox_add
+                            handler, call, tx, [delivery], store.outbox_add, prepared
                         )
                 except BaseException:
                     with contextlib.suppress(Exception):  # hand it back, as above
@@ -293,14 +303,34 @@ class Worker:
                 raise result
         return len(deliveries)
 
-    async def _await_permits(self, handler: Handler, deliveries: Sequence[Delivery]) -> None:
-        """Wait for the handler's rate limiter, one permit per message, before
-        any transaction opens: waiting holds no lock and spends no attempt."""
+    async def _before(self, handler: Handler, deliveries: Sequence[Delivery]) -> dict[str, object]:
+        """What a batch needs before its transaction opens: the handler's rate
+        limiter permits (one per message), then its ``prepare`` calls, at most
+        ``concurrency`` at once. Waiting and calling out here holds no
+        database lock and spends no attempt beyond the delivery's own.
+        Returns each delivery's prepared value (or the exception it raised)
+        by receipt."""
         limiter, key_of = handler.rate_limit, handler.rate_limit_key
-        if limiter is None:
-            return
-        for delivery in deliveries:
-            await limiter.acquire(key=None if key_of is None else key_of(delivery.message))
+        if limiter is not None:
+            for delivery in deliveries:
+                await limiter.acquire(key=None if key_of is None else key_of(delivery.message))
+        prepare = handler.prepare
+        if prepare is None:
+            return {}
+        slots = asyncio.Semaphore(handler.concurrency)
+        prepared: dict[str, object] = {}
+
+        async def one(delivery: Delivery) -> None:
+            if delivery.malformed is not None:
+                return
+            async with slots:
+                try:
+                    prepared[delivery.receipt] = await prepare(delivery.message)
+                except Exception as exc:  # raised again by ctx.prepared, in the handler
+                    prepared[delivery.receipt] = _Failed(exc)
+
+        await asyncio.gather(*(one(d) for d in deliveries))
+        return prepared
 
     def _backoff(self, handler: Handler, message: Message) -> float:
         """The policy's backoff, or its ``max_delay`` once the retry budget is spent."""
@@ -314,6 +344,7 @@ class Worker:
         handler: Handler,
         call: Callable[[Context], Awaitable[None]],
         deliveries: list[Delivery],
+        prepared: dict[str, object],
     ) -> None:
         """Group commit on the generic path: the batch shares one store
         transaction (a savepoint per delivery, as on the bound path) and one
@@ -321,7 +352,9 @@ class Worker:
         broker, store = self.app.broker, self.app.store
         try:
             async with store.transaction() as tx:
-                outcomes = await self._handle_all(handler, call, tx, deliveries, store.outbox_add)
+                outcomes = await self._handle_all(
+                    handler, call, tx, deliveries, store.outbox_add, prepared
+                )
         except BaseException:
             with contextlib.suppress(Exception):  # rolled back: hand the batch back now
                 for delivery in deliveries:
@@ -345,6 +378,7 @@ class Worker:
         tx: Transaction,
         deliveries: Sequence[Delivery],
         publisher: Publisher,
+        prepared: dict[str, object],
     ) -> list[_Outcome]:
         """Run ``deliveries`` in ``tx``, each in its own savepoint; returns
         whether to ack or retry each.
@@ -373,7 +407,9 @@ class Worker:
                 )
                 outcomes.append(_ACK)
                 continue
-            outcome = await self._handle(handler, call, tx, delivery, published)
+            outcome = await self._handle(
+                handler, call, tx, delivery, published, prepared.get(delivery.receipt, _UNSET)
+            )
             if outcome.applied:
                 done.add(message.id)
                 applied.append(message.id)
@@ -390,6 +426,7 @@ class Worker:
         tx: Transaction,
         delivery: Delivery,
         published: list[Message],
+        prepared: object,
     ) -> _Outcome:
         """Run one delivery inside ``tx``; returns whether to ack or retry and
         whether the inbox must record it. What the handler publishes joins
@@ -439,6 +476,11 @@ class Worker:
             sent.extend(messages)
 
         ctx = Context(message, handler.group, tx, collect, app.codec, app.settings.max_payload)
+        if prepared is not _UNSET:
+            ctx.set_prepared(
+                prepared.error if isinstance(prepared, _Failed) else prepared,
+                failed=isinstance(prepared, _Failed),
+            )
         try:
             async with tx.savepoint():
                 if handler.timeout is None:
