@@ -6,6 +6,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -49,8 +50,9 @@ async def webhook_app(settings: Settings, **options: Any) -> AsyncIterator[tuple
 
 
 async def register(app: App, hooks: Webhooks, url: str) -> Endpoint:
+    checked = await hooks.check(url)
     async with app.transaction() as s:
-        return await hooks.register(s, owner=OWNER, url=url)
+        return await hooks.register(s, owner=OWNER, url=checked)
 
 
 async def enqueue(app: App, hooks: Webhooks, url: str, *, job: str = "j1") -> str:
@@ -346,3 +348,100 @@ async def test_postgres_store_end_to_end() -> None:
             assert outcomes == [("retrying", 500), ("delivered", 200)]
     finally:
         await drop_namespace_async(url)
+
+
+class Trickler:
+    """A receiver that starts its answer at once, then sends the rest of its
+    headers one byte every 0.2 s for 30 s (a slow-loris receiver)."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Trickler:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            self.arrived.set()
+            writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+            for _ in range(150):
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+            writer.write(b"\r\ncontent-length: 0\r\n\r\n")
+            self.finished.set()
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["bound", "split"])
+async def test_a_trickling_receiver_neither_holds_the_store_nor_outlasts_the_timeout(
+    path: str, tmp_path: Path
+) -> None:
+    """While a receiver trickles its answer a byte at a time, other writers
+    commit at once (no delivery runs inside a transaction), and the attempt
+    ends at the endpoint's timeout in total, recorded as a retry, long before
+    the receiver would have finished."""
+    async with (
+        Trickler() as receiver,
+        webhook_app(settings_for(path, tmp_path), timeout=1.0) as (app, hooks),
+    ):
+        url = f"http://127.0.0.1:{receiver.port}/hook"
+        await register(app, hooks, url)
+        await enqueue(app, hooks, url)
+        async with running(app):
+            await asyncio.wait_for(receiver.arrived.wait(), 20)
+            async with asyncio.timeout(5):  # waits for the POST if one holds the lock
+                async with app.transaction() as s:
+                    await s.execute("CREATE TABLE meanwhile (x INTEGER)")
+
+            async def recorded() -> bool:
+                async with app.transaction() as s:
+                    attempts = await hooks.deliveries(s, owner=OWNER)
+                return bool(attempts)
+
+            await eventually(recorded, timeout=20, what="the attempt recorded")
+            async with app.transaction() as s:
+                [first, *_] = reversed(await hooks.deliveries(s, owner=OWNER))
+        assert not receiver.finished.is_set()
+        assert first.outcome == "retrying"
+        assert "no complete answer within 1s" in first.error
+
+
+async def test_checking_a_url_is_bounded_and_registering_makes_no_network_call(
+    tmp_path: Path,
+) -> None:
+    """check() gives up on a resolver that never answers after the timeout;
+    register() inside a transaction never resolves anything."""
+    calls: list[str] = []
+    never = asyncio.Event()
+
+    async def stuck(host: str, port: int) -> list[str]:
+        calls.append(host)
+        await never.wait()
+        return []
+
+    async with webhook_app(settings_for("bound", tmp_path), resolver=stuck, timeout=0.2) as (
+        app,
+        hooks,
+    ):
+        with pytest.raises(WebhookError, match=r"did not resolve within 0\.2s"):
+            await hooks.check("https://slow.example/hook")
+        calls.clear()
+        async with app.transaction() as s:
+            endpoint = await hooks.register(s, owner=OWNER, url="https://slow.example/hook")
+        assert calls == []
+        assert endpoint.url == "https://slow.example/hook"
+        with pytest.raises(UnsafeTarget):
+            async with app.transaction() as s:
+                await hooks.register(s, owner=OWNER, url="http://10.0.0.1/hook")

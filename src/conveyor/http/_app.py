@@ -618,8 +618,9 @@ class JobAPI:
         )
         async def register(body: EndpointIn, owner: str = Depends(authorized)) -> EndpointOut:
             """Register a callback URL; the answer holds its signing secret."""
+            url = await webhooks.check(body.url)  # DNS, outside any transaction
             async with self.app.transaction() as session:
-                endpoint = await webhooks.register(session, owner=owner, url=body.url)
+                endpoint = await webhooks.register(session, owner=owner, url=url)
             return EndpointOut(id=endpoint.id, url=endpoint.url, secret=endpoint.secret)
 
         @api.get(

@@ -255,6 +255,25 @@ class Guard:
             if net.version == ip.version
         )
 
+    def check_literal(self, parsed: httpx.URL) -> None:
+        """Refuse (``UnsafeTarget``) a URL whose host is an address the guard
+        does not permit; a host name passes (only resolving can judge it).
+        No DNS: safe inside a transaction."""
+        host = parsed.raw_host.decode("ascii")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if "%" in host:
+            raise UnsafeTarget(f"webhook URL {str(parsed)!r} names a zoned address")
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if not self.permits(literal, port):
+            raise UnsafeTarget(
+                f"webhook URL {str(parsed)!r} refused: {host} port {port} is not a public "
+                "address; if this target is intended, add it (with its port) to the webhook "
+                "allow-list"
+            )
+
     async def check(self, url: str | httpx.URL) -> Target:
         """Parse and resolve ``url``; refuse it (``UnsafeTarget``) unless every
         address it resolves to is permitted. A host that does not resolve

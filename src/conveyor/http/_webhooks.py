@@ -31,6 +31,7 @@ drop duplicates. Secrets are kept in the store in clear (signing needs them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -180,6 +181,17 @@ class _Task(pydantic.BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What one delivery attempt found: the endpoint (None if it was removed
+    or disabled), the result, when it started and how long it took."""
+
+    endpoint: Endpoint | None
+    result: _Result
+    at: float
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Result:
     outcome: str
     status_code: int | None = None
@@ -199,11 +211,13 @@ class Webhooks:
     the resolution and the POST each (seconds); a rotated secret keeps
     signing for ``rotation_grace``. ``transport`` (tests) is the httpx
     transport under the guard; ``resolver`` replaces DNS; ``concurrency``
-    deliveries run at once (where the runtime path runs them in parallel).
+    deliveries run at once.
 
-    Each attempt runs inside the delivery handler's store transaction, as
-    every handler does: on SQLite that transaction holds the database's
-    write lock for the length of the POST (up to ``timeout``).
+    Each attempt (resolution, connection, request and response together) is
+    bounded by ``timeout`` in total, however slowly a receiver trickles its
+    answer. It runs as the delivery handler's ``prepare``, before the
+    handler's store transaction opens: no POST is ever made while a
+    transaction holds a database lock. The handler then records the outcome.
     """
 
     def __init__(
@@ -234,8 +248,9 @@ class Webhooks:
             # Fetch no more than can run: a delivery waiting behind a slow
             # receiver inside a leased batch would only be delayed.
             prefetch=concurrency,
-            # Resolution and POST are bounded by ``timeout`` each; the rest is SQL.
-            timeout=2 * self.timeout + 10.0,
+            # The attempt itself runs before the transaction (see the class doc).
+            prepare=self._attempt,
+            timeout=10.0,
         )(self._deliver)
 
     @property
@@ -261,16 +276,35 @@ class Webhooks:
         for statement in SCHEMA:
             await session.execute(statement)
 
-    async def register(self, session: Session, *, owner: str, url: str) -> Endpoint:
-        """Register ``url`` for ``owner`` with a fresh secret, after the SSRF
-        guard accepts it (``UnsafeTarget`` if not; ``WebhookError`` if its
-        host does not resolve). Registering a URL the owner already has
-        returns that endpoint, enabled again if it was disabled."""
+    async def check(self, url: str) -> str:
+        """Resolve ``url``'s host and run the SSRF guard on every address it
+        has, within ``timeout``; returns the URL as it will be stored.
+        ``UnsafeTarget`` if refused, ``WebhookError`` if the host does not
+        resolve in time. Call it before ``register``, outside any
+        transaction: it waits on DNS."""
         try:
-            target = await self.guard.check(url)
+            async with asyncio.timeout(self.timeout):
+                target = await self.guard.check(url)
+        except TimeoutError:
+            raise WebhookError(
+                f"webhook URL {url!r} cannot be used: its host did not resolve within "
+                f"{self.timeout:g}s"
+            ) from None
         except httpx.TransportError as exc:
             raise WebhookError(f"webhook URL {url!r} cannot be used: {exc}") from None
-        normal = str(target.url)
+        return str(target.url)
+
+    async def register(self, session: Session, *, owner: str, url: str) -> Endpoint:
+        """Register ``url`` for ``owner`` with a fresh secret. Only its form is
+        checked here (http(s), a host, no user info; a literal address must
+        pass the guard): ``register`` runs in ``session``'s transaction and
+        makes no network call. Run ``check(url)`` first to refuse a host that
+        resolves to a private address before it is stored; every delivery
+        resolves and checks it again anyway. Registering a URL the owner
+        already has returns that endpoint, enabled again if it was disabled."""
+        parsed = self.guard.parse(url)
+        self.guard.check_literal(parsed)
+        normal = str(parsed)
         now = self.clock.time()
         existing = await self._find(session, "owner = ? AND url = ?", (owner, normal))
         if existing is not None:
@@ -427,17 +461,19 @@ class Webhooks:
         )
         return None if row is None else _endpoint(row)
 
-    async def _deliver(self, ctx: Context, task: _Task) -> None:
-        """The delivery handler: one attempt, recorded; see the module doc."""
-        row = await ctx.fetchone(
+    async def _attempt(self, message: Message) -> _Attempt:
+        """One attempt, made before the delivery handler's transaction opens
+        (its ``prepare``): read the endpoint, sign, POST within ``timeout``."""
+        task = message.decode(_Task, self.app.codec)
+        rows = await self.app.store.read(
             f"SELECT {_ENDPOINT_COLUMNS} FROM conveyor_webhook_endpoints WHERE id = ?",
             (task.endpoint_id,),
         )
         now = self.clock.time()
+        row = rows[0] if rows else None
         if row is None or not row[5]:
             why = "endpoint removed" if row is None else f"endpoint disabled: {row[6]}"
-            await self._record(ctx, task, _Result(DROPPED, error=why), now)
-            return
+            return _Attempt(None, _Result(DROPPED, error=why), now, 0.0)
         endpoint = _endpoint(row)
         keys = [endpoint.secret, *(p["secret"] for p in _previous(row[4]) if p["until"] > now)]
         body = task.payload.encode()
@@ -449,8 +485,26 @@ class Webhooks:
             "content-type": "application/json",
         }
         started = self.clock.monotonic()
-        result = await self._post(endpoint.url, body, headers)
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await self._post(endpoint.url, body, headers)
+        except TimeoutError:
+            result = _Result(RETRYING, error=f"no complete answer within {self.timeout:g}s")
         duration = max(0.0, self.clock.monotonic() - started)
+        return _Attempt(endpoint, result, now, duration)
+
+    async def _deliver(self, ctx: Context, task: _Task) -> None:
+        """The delivery handler: records the attempt its ``prepare`` made."""
+        attempt: _Attempt = ctx.prepared
+        endpoint, result, now, duration = (
+            attempt.endpoint,
+            attempt.result,
+            attempt.at,
+            attempt.duration,
+        )
+        if endpoint is None:
+            await self._record(ctx, task, result, now)
+            return
         if result.outcome == GONE:
             await ctx.execute(
                 "UPDATE conveyor_webhook_endpoints SET enabled = 0, disabled_reason = ?, "

@@ -96,12 +96,8 @@ _FINAL_SQL = ", ".join(f"'{s}'" for s in sorted(FINAL))
 
 
 async def read_rows(store: Store, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-    """Committed rows, without taking the write lock on SQLite (WAL readers
-    never wait); a short transaction elsewhere."""
-    if isinstance(store, SqliteStore):
-        return store.db.read(sql, params)
-    async with store.transaction() as tx:
-        return await tx.fetchall(sql, params)
+    """Committed rows, without taking a write lock (``Store.read``)."""
+    return await store.read(sql, params)
 
 
 class SqlJobStore:

@@ -85,6 +85,12 @@ class Store(Protocol):
         """A write transaction: commits when the block exits normally."""
         ...
 
+    async def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Committed rows, outside any transaction of the caller's: it takes
+        no write lock (SQLite's WAL readers never wait), so it may run while
+        a handler elsewhere holds one. ``?`` placeholders, as everywhere."""
+        ...
+
     async def inbox_add(self, tx: Transaction, group: str, message_id: str) -> bool:
         """Record that ``group`` processed ``message_id``; False if it already had."""
         ...

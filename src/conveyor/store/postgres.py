@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from conveyor._postgres import (
     MESSAGE_COLUMNS,
@@ -23,6 +24,7 @@ from conveyor._postgres import (
     PostgresTransaction,
     message_from_row,
     message_params,
+    translate,
 )
 from conveyor.errors import StoreError
 from conveyor.messages import Message
@@ -92,6 +94,10 @@ class PostgresStore(PostgresBacked):
         """A read-committed transaction; commits when the block exits normally."""
         async with self.db.transaction(self.error) as tx:
             yield tx
+
+    async def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        rows = await self.db.fetch(self.error, translate(sql), *params)
+        return [tuple(r) for r in rows]
 
     async def inbox_add(self, tx: Transaction, group: str, message_id: str) -> bool:
         status = await _tx(tx).run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from conveyor._sqlite import (
     MESSAGE_COLUMNS,
@@ -79,6 +80,9 @@ class SqliteStore(SqliteBacked):
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.db.transaction() as tx:
             yield tx
+
+    async def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self.db.read(sql, params)
 
     async def inbox_add(self, tx: Transaction, group: str, message_id: str) -> bool:
         cur = _tx(tx).run(

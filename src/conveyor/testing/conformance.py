@@ -1006,7 +1006,8 @@ async def check_inbox(make: StoreFactory) -> None:
 
 async def check_rollback(make: StoreFactory) -> None:
     """A transaction that raises leaves nothing behind: inbox, outbox, dead
-    letters and the application's rows all roll back; the error propagates."""
+    letters and the application's rows all roll back; the error propagates.
+    ``read`` sees committed rows only."""
     async with _rig(make) as rig:
         store = await rig.store()
         topic, group = _names("rollback")
@@ -1030,9 +1031,14 @@ async def check_rollback(make: StoreFactory) -> None:
                 pass
             else:
                 raise AssertionError("the transaction swallowed the exception raised in it")
+            assert await store.read(f"SELECT k FROM {table}") == [], "read sees a rolled-back row"
             async with store.transaction() as tx:
                 assert await tx.fetchall(f"SELECT k FROM {table}") == [], "user row kept"
                 assert await store.inbox_add(tx, group, message.id), "inbox record kept"
+                await tx.execute(f"INSERT INTO {table} (k, v) VALUES (?, ?)", ("b", 2))
+            assert await store.read(f"SELECT k, v FROM {table} WHERE k = ?", ["b"]) == [("b", 2)], (
+                "read does not see a committed row"
+            )
             assert await _claim_ours(store, topic) == [], "outbox row kept"
             assert await store.dead_letters(DeadLetterFilter(topic=topic)) == [], "dead letter kept"
 

@@ -137,8 +137,9 @@ def create_api(app: App, *, prices: dict[str, int] = PRODUCTS) -> FastAPI:
         webhooks = webhooks_of(app)
         if webhooks is None:
             return problem_response(404, "webhooks are not enabled on this server")
+        url = await webhooks.check(registration.url)  # DNS, outside any transaction
         async with app.transaction() as s:
-            endpoint = await webhooks.register(s, owner="", url=registration.url)
+            endpoint = await webhooks.register(s, owner="", url=url)
         body = {"id": endpoint.id, "url": endpoint.url, "secret": endpoint.secret}
         return JSONResponse(body, 201)
 
