@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -32,6 +33,8 @@ __all__ = [
     "JsonCodec",
     "Message",
     "TRACEPARENT",
+    "child_traceparent",
+    "trace_id",
     "uuid7",
 ]
 
@@ -68,6 +71,26 @@ def uuid7() -> str:
     value = (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | _rand_bits(62)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def child_traceparent(parent: str | None) -> str:
+    """A W3C ``traceparent`` for a message sent in the trace of ``parent``:
+    the same trace id and flags, a fresh span id; a new trace (sampled) when
+    ``parent`` is missing or not a valid version-00 value."""
+    match = _TRACEPARENT.match(parent or "")
+    span = f"{_rand_bits(64) or 1:016x}"
+    if match is None or set(match.group(1)) == {"0"}:
+        return f"00-{_rand_bits(128) or 1:032x}-{span}-01"
+    return f"00-{match.group(1)}-{span}-{match.group(3)}"
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a ``traceparent`` header, or None if it is not one."""
+    match = _TRACEPARENT.match(traceparent or "")
+    return None if match is None else match.group(1)
 
 
 class Codec(Protocol):
@@ -208,12 +231,14 @@ class Message:
         return replace(self, attempt=attempt)
 
     def causal_headers(self) -> dict[str, str]:
-        """Headers for a message this one causes: same correlation id (and
-        trace), causation id = this message's id."""
-        headers = {CORRELATION_ID: self.correlation_id, CAUSATION_ID: self.id}
-        if self.traceparent:
-            headers[TRACEPARENT] = self.traceparent
-        return headers
+        """Headers for a message this one causes: same correlation id,
+        causation id = this message's id, and a ``traceparent`` of its own in
+        this message's trace (a fresh span id: the new message's own)."""
+        return {
+            CORRELATION_ID: self.correlation_id,
+            CAUSATION_ID: self.id,
+            TRACEPARENT: child_traceparent(self.traceparent),
+        }
 
     def envelope(self) -> dict[str, Any]:
         """Every field but the payload and the attempt, JSON-safe: what a broker

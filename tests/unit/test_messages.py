@@ -11,7 +11,14 @@ import pydantic
 import pytest
 
 from conveyor.errors import DecodeError, MessageError, PayloadTooLarge
-from conveyor.messages import CAUSATION_ID, CORRELATION_ID, Message, uuid7
+from conveyor.messages import (
+    CAUSATION_ID,
+    CORRELATION_ID,
+    Message,
+    child_traceparent,
+    trace_id,
+    uuid7,
+)
 
 
 class Order(pydantic.BaseModel):
@@ -83,15 +90,27 @@ def test_decode_errors_are_permanent_decode_errors() -> None:
 
 
 def test_caused_message_carries_correlation_and_causation() -> None:
-    """A message caused by another keeps its correlation id and points back to it."""
-    first = Message.create(
-        "a", {}, headers={CORRELATION_ID: "corr-1", "traceparent": "00-ab-cd-01"}
-    )
+    """A message caused by another keeps its correlation id, points back to
+    it, and gets a traceparent of its own in the cause's trace."""
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    first = Message.create("a", {}, headers={CORRELATION_ID: "corr-1", "traceparent": parent})
     headers = first.causal_headers()
     assert headers[CORRELATION_ID] == "corr-1"
     assert headers[CAUSATION_ID] == first.id
-    assert headers["traceparent"] == "00-ab-cd-01"
+    child = headers["traceparent"]
+    assert trace_id(child) == "0af7651916cd43dd8448eb211c80319c"
+    assert child != parent
+    assert child.endswith("-01")
+    assert first.causal_headers()["traceparent"] != child  # a fresh span id each time
     assert Message.create("t", {}).causal_headers()[CORRELATION_ID] != "corr-1"
+
+
+def test_a_message_without_a_valid_traceparent_starts_a_trace() -> None:
+    """No parent, or a malformed one: a new valid trace, sampled."""
+    for parent in (None, "", "00-ab-cd-01", "01-" + "a" * 32 + "-" + "b" * 16 + "-01"):
+        child = child_traceparent(parent)
+        assert trace_id(child) is not None
+        assert trace_id(child) != "a" * 32
 
 
 def test_delay_sets_not_before() -> None:

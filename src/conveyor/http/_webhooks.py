@@ -619,30 +619,15 @@ class Webhooks:
         attempt's row commits with it), as a first attempt under a fresh
         message id: a replay starts the schedule again and is not taken
         for a duplicate of the message just handled."""
-        app = self.app
-        fresh = Message.create(
+        fresh = self.app.outbound.build(
             TOPIC,
             task.model_copy(update={"attempt": 1}),
-            type=task.event_type,
-            key=endpoint.id,
-            headers=dict(ctx.message.headers),
-            codec=app.codec,
-            max_payload=app.settings.max_payload,
+            {"type": task.event_type, "key": endpoint.id, "headers": dict(ctx.message.headers)},
         )
-        await app.store.dead_letter(
-            ctx.tx,
-            group=ctx.group,
-            message=fresh.with_attempt(task.attempt),
-            reason=f"webhook {task.webhook_id} to {endpoint.url}: {reason}",
+        await ctx.dead_letter(
+            f"webhook {task.webhook_id} to {endpoint.url}: {reason}",
             error_type="WebhookDeliveryFailed",
-            traceback="",
-        )
-        log.warning(
-            "webhook %s to %s failed: %s",
-            task.webhook_id,
-            endpoint.url,
-            reason,
-            extra={"event": "conveyor.webhook_failed", "webhook_id": task.webhook_id},
+            message=fresh.with_attempt(task.attempt),
         )
 
 

@@ -236,7 +236,7 @@ class SqlJobStore:
     ) -> None:
         app = self.app
         async with app.store.transaction() as tx:
-            session = Session(tx, self._publisher, app.codec, app.settings.max_payload)
+            session = Session(tx, self._publisher, app.outbound, app.store)
             await session.execute(
                 f"INSERT INTO conveyor_jobs ({_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?, ?, NULL, NULL)",

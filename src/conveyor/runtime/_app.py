@@ -2,40 +2,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Unpack
 
 from conveyor._time import Clock, SystemClock, seconds
 from conveyor.brokers._factory import broker_from_url
-from conveyor.brokers._protocol import Broker, TransactionalBroker
+from conveyor.brokers._protocol import Broker, DeadLetterSink, Delivery, TransactionalBroker
 from conveyor.errors import ConfigError
 from conveyor.messages import JSON, Codec, Message
 from conveyor.resilience import (
-    Bulkhead,
-    Limiter,
     LoadShedder,
-    RateLimiter,
-    RetryBudget,
-    RetryPolicy,
 )
-from conveyor.resilience._breaker import CircuitBreaker
 from conveyor.runtime._context import (
     Middleware,
+    Outbound,
     Publisher,
     PublishOptions,
     Session,
-    build_message,
 )
-from conveyor.runtime._handlers import Handler, HandlerFunc
+from conveyor.runtime._handlers import Handler, HandlerFunc, HandlerOptions
+from conveyor.runtime._observe import DeadLettered, Observer, Observers
 from conveyor.runtime._worker import Worker
 from conveyor.settings import Settings, load_settings
 from conveyor.store._factory import store_from_url
-from conveyor.store._protocol import Store
+from conveyor.store._protocol import Store, Transaction
 
 __all__ = ["App"]
+
+_log = logging.getLogger("conveyor.worker")
 
 
 class App:
@@ -56,12 +55,14 @@ class App:
         clock: Clock | None = None,
         codec: Codec = JSON,
         middleware: Sequence[Middleware] = (),
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.name = name
         self._settings = settings or load_settings()
         self.clock: Clock = clock or SystemClock()
         self.codec = codec
         self.middleware: list[Middleware] = list(middleware)
+        self.observers = Observers(observers)
         self.handlers: list[Handler] = []
         self._broker = broker
         self._store = store
@@ -91,6 +92,12 @@ class App:
             self._store = None
 
     @property
+    def outbound(self) -> Outbound:
+        """How this app builds the messages it sends (codec, payload limit,
+        causal and trace headers, what the observers add)."""
+        return Outbound(self.codec, self.settings.max_payload, self.observers)
+
+    @property
     def broker(self) -> Broker:
         if self._broker is None:
             self._broker = broker_from_url(self.settings.broker_url, clock=self.clock)
@@ -103,32 +110,20 @@ class App:
         return self._store
 
     def handler(
-        self,
-        topic: str,
-        *,
-        group: str | None = None,
-        concurrency: int = 1,
-        prefetch: int | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        breakers: Sequence[CircuitBreaker] = (),
-        rate_limit: Limiter | str | None = None,
-        rate_limit_key: Callable[[Message], Hashable] | None = None,
-        bulkhead: Bulkhead | None = None,
-        retry_budget: RetryBudget | None = None,
-        prepare: Callable[[Message], Awaitable[object]] | None = None,
+        self, topic: str, *, group: str | None = None, **options: Unpack[HandlerOptions]
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``async def f(ctx, body: Model)`` for ``topic`` in ``group``
         (default: the function's name). ``body`` is decoded from the payload
         by its annotation (a pydantic model, ``dict``, ``bytes``...); a payload
         that does not decode is dead-lettered at once with the reason.
 
-        ``rate_limit`` (a limiter or ``"10/s"``, per ``rate_limit_key(message)``)
-        is waited for before each message, without spending an attempt;
-        ``bulkhead`` guards each handler call; ``retry_budget`` caps retries
-        (see docs/resilience.md). While any of ``breakers`` is open this
-        consumer stops fetching; while one is half-open it fetches one message
-        at a time, as the probe.
+        The options (``HandlerOptions``): ``concurrency``, ``prefetch``,
+        ``retry``, ``timeout``; ``rate_limit`` (a limiter or ``"10/s"``, per
+        ``rate_limit_key(message)``) is waited for before each message,
+        without spending an attempt; ``bulkhead`` guards each handler call;
+        ``retry_budget`` caps retries (see docs/resilience.md). While any of
+        ``breakers`` is open this consumer stops fetching; while one is
+        half-open it fetches one message at a time, as the probe.
 
         ``prepare`` is for a handler that calls another service: ``await
         prepare(message)`` runs before the message's transaction opens (after
@@ -137,10 +132,8 @@ class App:
         its transaction. It runs again when the message is redelivered, also
         for a duplicate the inbox then skips, so it must be idempotent (send
         an idempotency key)."""
-        if concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        if prefetch is not None and prefetch < 1:
-            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        # Checked at once, not when the decorator is applied.
+        Handler.build(_probe, topic=topic, group="probe", clock=self.clock, options=options)
 
         def register(func: HandlerFunc) -> HandlerFunc:
             name = group or func.__name__
@@ -149,30 +142,17 @@ class App:
                     f"two handlers for topic {topic!r} in group {name!r}; give one a group="
                 )
             self.handlers.append(
-                Handler(
-                    func=func,
-                    topic=topic,
-                    group=name,
-                    body_type=Handler.inspect_body(func),
-                    concurrency=concurrency,
-                    prefetch=prefetch,
-                    retry=retry or RetryPolicy(),
-                    timeout=None if timeout is None else seconds(timeout),
-                    breakers=tuple(breakers),
-                    rate_limit=(
-                        RateLimiter.parse(rate_limit, clock=self.clock)
-                        if isinstance(rate_limit, str)
-                        else rate_limit
-                    ),
-                    rate_limit_key=rate_limit_key,
-                    bulkhead=bulkhead,
-                    retry_budget=retry_budget,
-                    prepare=prepare,
-                )
+                Handler.build(func, topic=topic, group=name, clock=self.clock, options=options)
             )
             return func
 
         return register
+
+    def observe(self, observer: Observer) -> Observer:
+        """Add an observer of every message's life (metrics, tracing...);
+        see ``conveyor.runtime.Observer``."""
+        self.observers.items.append(observer)
+        return observer
 
     def use(self, middleware: Middleware) -> Middleware:
         """Append an around-hook; the first added is the outermost."""
@@ -250,13 +230,22 @@ class App:
         Inside a handler use ``ctx.publish`` instead, so the message commits
         with the handler's writes.
         """
-        message = build_message(
-            topic, body, codec=self.codec, max_payload=self.settings.max_payload, **options
-        )
+        message = self.outbound.build(topic, body, options)
         await self.connect()
         if self.settings.shed_above is not None:
             await self._shed(topic, self.settings.shed_above)
-        await self.broker.publish([message])
+        if not self.observers:
+            await self.broker.publish([message])
+            return message
+        started = time.perf_counter()
+        try:
+            await self.broker.publish([message])
+        except BaseException as exc:
+            self.observers.published(
+                [message], via="publish", seconds=time.perf_counter() - started, error=exc
+            )
+            raise
+        self.observers.published([message], via="publish", seconds=time.perf_counter() - started)
         return message
 
     async def _shed(self, topic: str, threshold: int) -> None:
@@ -280,8 +269,49 @@ class App:
         rows and messages commit together or not at all."""
         await self.connect()
         publisher = self._publisher()
+        sent: list[Message] = []
+
+        async def recorded(tx: Transaction, messages: Sequence[Message]) -> None:
+            await publisher(tx, messages)
+            sent.extend(messages)
+
+        started = time.perf_counter()
         async with self.store.transaction() as tx:
-            yield Session(tx, publisher, self.codec, self.settings.max_payload)
+            session = Session(
+                tx, recorded if self.observers else publisher, self.outbound, self.store
+            )
+            yield session
+        if sent:
+            self.observers.published(sent, via="outbox", seconds=time.perf_counter() - started)
+        if session.dead_letters:
+            await self.dead_lettered(session.dead_letters)
+
+    async def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
+        """After the commit of dead letters (``Session.dead_letter``): copy
+        them to a broker that keeps its own (Kafka's dead-letter topic; a
+        failure loses nothing, the store has them) and tell the observers."""
+        broker = self.broker
+        if isinstance(broker, DeadLetterSink):
+            for item in dead:
+                try:
+                    await broker.dead_letter(
+                        Delivery(item.message, item.group, ""),
+                        reason=item.reason,
+                        error_type=item.error_type,
+                    )
+                except Exception as exc:
+                    _log.warning(
+                        "broker dead-letter copy of %s failed: %r",
+                        item.message.id,
+                        exc,
+                        extra={
+                            "event": "conveyor.dead_letter_sink_failed",
+                            "message_id": item.message.id,
+                            "group": item.group,
+                        },
+                    )
+        if self.observers:
+            self.observers.dead_lettered(dead)
 
     def _publisher(self) -> Publisher:
         broker = self.broker
@@ -307,3 +337,7 @@ class App:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.close()
+
+
+async def _probe(ctx: object) -> None:
+    """Stands in for a handler function while options are checked."""

@@ -1,16 +1,26 @@
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 from conveyor.errors import ConfigError
-from conveyor.messages import Codec, Message
-from conveyor.store._protocol import Transaction
+from conveyor.messages import TRACEPARENT, Codec, Message, child_traceparent
+from conveyor.runtime._observe import DeadLettered, Observers
+from conveyor.store._protocol import Store, Transaction
 
-__all__ = ["Context", "Middleware", "PublishOptions", "Session", "build_message"]
+__all__ = [
+    "Context",
+    "Middleware",
+    "Outbound",
+    "PublishOptions",
+    "Session",
+    "ambient_traceparent",
+]
 
 _log = logging.getLogger("conveyor.handler")
+_dead_log = logging.getLogger("conveyor.worker")
 _NOT_PREPARED = object()
 
 Publisher = Callable[[Transaction, Sequence[Message]], Awaitable[None]]
@@ -27,10 +37,48 @@ class PublishOptions(TypedDict, total=False):
     delay: float
 
 
-def build_message(
-    topic: str, body: object, *, codec: Codec, max_payload: int, **options: Unpack[PublishOptions]
-) -> Message:
-    return Message.create(topic, body, codec=codec, max_payload=max_payload, **options)
+ambient_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "conveyor_traceparent", default=None
+)
+"""The trace a message sent from here belongs to, when no message caused it:
+set while a handler runs (its message's) and by an HTTP front (its request's)."""
+
+
+class Outbound:
+    """How an app builds what it sends: its codec and payload limit, the
+    causal headers of the message being handled, a ``traceparent``, and what
+    its observers add (a tracer's own ``traceparent``). Every message the
+    runtime, a saga or a webhook sends is built here."""
+
+    __slots__ = ("codec", "max_payload", "observers")
+
+    def __init__(self, codec: Codec, max_payload: int, observers: Observers | None = None) -> None:
+        self.codec = codec
+        self.max_payload = max_payload
+        self.observers = observers or Observers()
+
+    def build(
+        self,
+        topic: str,
+        body: object,
+        options: PublishOptions,
+        *,
+        cause: Message | None = None,
+    ) -> Message:
+        """The message for ``topic``; raises ``MessageError`` and
+        ``PayloadTooLarge`` as ``Message.create`` does. With ``cause`` it
+        carries the cause's correlation id, the cause's id as causation id
+        and a ``traceparent`` in the cause's trace."""
+        headers = dict(options.get("headers", {}))
+        if cause is not None:
+            headers.update(cause.causal_headers())
+        elif TRACEPARENT not in headers:
+            headers[TRACEPARENT] = child_traceparent(ambient_traceparent.get())
+        if self.observers:
+            self.observers.outgoing(topic, headers)
+        merged = PublishOptions(**options)
+        merged["headers"] = headers
+        return Message.create(topic, body, codec=self.codec, max_payload=self.max_payload, **merged)
 
 
 class Session:
@@ -40,15 +88,71 @@ class Session:
     or not at all.
     """
 
-    __slots__ = ("_codec", "_max_payload", "_publisher", "tx")
+    __slots__ = ("_outbound", "_publisher", "_store", "dead_letters", "tx")
 
     def __init__(
-        self, tx: Transaction, publisher: Publisher, codec: Codec, max_payload: int
+        self, tx: Transaction, publisher: Publisher, outbound: Outbound, store: Store
     ) -> None:
         self.tx = tx
         self._publisher = publisher
-        self._codec = codec
-        self._max_payload = max_payload
+        self._outbound = outbound
+        self._store = store
+        self.dead_letters: list[DeadLettered] = []
+        """The dead letters written through ``dead_letter`` in this transaction."""
+
+    def _default_message(self) -> Message:
+        raise ConfigError("Session.dead_letter needs message=")
+
+    def _default_group(self) -> str:
+        raise ConfigError("Session.dead_letter needs group=")
+
+    async def dead_letter(
+        self,
+        reason: str,
+        *,
+        error_type: str,
+        traceback: str = "",
+        message: Message | None = None,
+        group: str | None = None,
+    ) -> None:
+        """Keep ``message`` (default: the one being handled) as a dead letter
+        of ``group`` (default: this handler's), with ``reason``, in this
+        transaction: it is written if and only if the transaction commits.
+        Every dead letter Conveyor writes goes through here, so each one is
+        logged once, counted by the observers and copied to a broker that
+        keeps its own (Kafka's dead-letter topic).
+
+        On a ``Session`` (not a handler's context) ``message`` and ``group``
+        are required."""
+        message = message or self._default_message()
+        dead = DeadLettered(
+            group=group or self._default_group(),
+            message=message,
+            reason=reason,
+            error_type=error_type,
+        )
+        await self._store.dead_letter(
+            self.tx,
+            group=dead.group,
+            message=dead.message,
+            reason=reason,
+            error_type=error_type,
+            traceback=traceback,
+        )
+        self.dead_letters.append(dead)
+        _dead_log.warning(
+            "dead-lettered %s for %s: %s",
+            dead.message.id,
+            dead.group,
+            reason,
+            extra={
+                "event": "conveyor.dead_lettered",
+                "message_id": dead.message.id,
+                "correlation_id": dead.message.correlation_id,
+                "group": dead.group,
+                "error_type": error_type,
+            },
+        )
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
         return await self.tx.execute(sql, params)
@@ -60,9 +164,7 @@ class Session:
         return await self.tx.fetchall(sql, params)
 
     def _build(self, topic: str, body: object, options: PublishOptions) -> Message:
-        return build_message(
-            topic, body, codec=self._codec, max_payload=self._max_payload, **options
-        )
+        return self._outbound.build(topic, body, options)
 
     async def publish(self, topic: str, body: object, **options: Unpack[PublishOptions]) -> Message:
         """Send a message when (and only if) this transaction commits."""
@@ -91,15 +193,21 @@ class Context(Session):
         group: str,
         tx: Transaction,
         publisher: Publisher,
-        codec: Codec,
-        max_payload: int,
+        outbound: Outbound,
+        store: Store,
     ) -> None:
-        super().__init__(tx, publisher, codec, max_payload)
+        super().__init__(tx, publisher, outbound, store)
         self.message = message
         self.group = group
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._prepared: object = _NOT_PREPARED
         self._prepare_failed = False
+
+    def _default_message(self) -> Message:
+        return self.message
+
+    def _default_group(self) -> str:
+        return self.group
 
     def set_prepared(self, value: object, *, failed: bool = False) -> None:
         """Set by the worker: what the handler's ``prepare`` returned (or raised)."""
@@ -136,8 +244,7 @@ class Context(Session):
         return self.message.attempt
 
     def _build(self, topic: str, body: object, options: PublishOptions) -> Message:
-        headers = {**options.get("headers", {}), **self.message.causal_headers()}
-        return super()._build(topic, body, {**options, "headers": headers})
+        return self._outbound.build(topic, body, options, cause=self.message)
 
 
 Middleware = Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]

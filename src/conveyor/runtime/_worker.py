@@ -12,6 +12,13 @@ message that kills its worker every time still ends up dead-lettered; then
 the batch's handling, inbox, outbox and acknowledgements share one commit
 (group commit): a crash rolls that work back, the messages come back once the
 lease runs out, and nothing is applied twice.
+
+Every batch, on every path, is settled in one place (``_unit``): the
+unit of work commits, then the broker's copies of dead letters are made and
+the acknowledgements that follow a commit are sent, then the observers hear
+what became of each message. A ``_Port`` is what differs between a broker on
+the store's database (acks inside the transaction) and any other (outbox in
+the transaction, acks after it), and how a rolled-back batch is handed back.
 """
 
 from __future__ import annotations
@@ -20,25 +27,35 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from conveyor._time import seconds
 from conveyor._urls import redact
 from conveyor.brokers._protocol import (
+    Broker,
     BrokerBinding,
-    DeadLetterSink,
     Delivery,
     TransactionalBroker,
 )
 from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
 from conveyor.messages import Message
 from conveyor.resilience._breaker import admit
-from conveyor.runtime._context import Context, Publisher
+from conveyor.runtime._context import Context, Publisher, ambient_traceparent
 from conveyor.runtime._handlers import Handler
-from conveyor.store._protocol import Transaction
+from conveyor.runtime._observe import (
+    APPLIED,
+    DEAD_LETTER,
+    DUPLICATE,
+    RETRY,
+    ROLLED_BACK,
+    DeadLettered,
+    Settlement,
+)
+from conveyor.store._protocol import Store, Transaction
 
 if TYPE_CHECKING:
     from conveyor.runtime._app import App
@@ -48,14 +65,39 @@ __all__ = ["Worker"]
 log = logging.getLogger("conveyor.worker")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Outcome:
-    retry: bool = False
+    """What the unit of work decided for one delivery."""
+
+    kind: str
+    """APPLIED, DUPLICATE, RETRY or DEAD_LETTER."""
     delay: float = 0.0
-    applied: bool = False
-    """Handled or skipped: the group's inbox records the message id."""
-    dead: tuple[str, str] | None = None
-    """Dead-lettered in the store: (reason, error_type), for a ``DeadLetterSink``."""
+    reason: str = ""
+    error_type: str = ""
+    started: float | None = None
+    finished: float | None = None
+    published: list[Message] = field(default_factory=list)
+    """What the handler sent, written with the batch (empty unless applied)."""
+    dead_letters: list[DeadLettered] = field(default_factory=list)
+    """Every dead letter its handler call wrote, its own included."""
+
+    @property
+    def retry(self) -> bool:
+        return self.kind == RETRY
+
+    def settlement(self, delivery: Delivery, handler: Handler) -> Settlement:
+        return Settlement(
+            message=delivery.message,
+            topic=handler.topic,
+            group=delivery.group,
+            outcome=self.kind,
+            started=self.started,
+            finished=self.finished,
+            delay=self.delay if self.kind == RETRY else None,
+            reason=self.reason,
+            error_type=self.error_type,
+            dead_letters=tuple(self.dead_letters),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +108,79 @@ class _Failed:
 
 
 _UNSET = object()
-_ACK = _Outcome()
-_APPLIED = _Outcome(applied=True)
+
+
+class _Port(Protocol):
+    """Where a batch came from: how it is settled with its broker."""
+
+    publisher: Publisher
+
+    async def settle_in(
+        self, tx: Transaction, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        """The part of settling that commits with the unit of work."""
+
+    async def settle_after(
+        self, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        """The part that follows the commit."""
+
+    async def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Release ``deliveries`` for redelivery now (their attempt stays counted)."""
+
+
+class _BoundPort:
+    """A broker on the store's database: acks and retries commit with the work."""
+
+    def __init__(self, binding: BrokerBinding, store: Store) -> None:
+        self.binding = binding
+        self.store = store
+        self.publisher: Publisher = binding.publish
+
+    async def settle_in(
+        self, tx: Transaction, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        pairs = list(zip(deliveries, outcomes, strict=True))
+        await self.binding.ack(tx, [d for d, o in pairs if not o.retry])
+        await self.binding.nack(tx, [(d, o.delay) for d, o in pairs if o.retry])
+
+    async def settle_after(
+        self, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        return None
+
+    async def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        async with self.store.transaction() as tx:
+            await self.binding.nack(tx, [(d, 0.0) for d in deliveries])
+
+
+class _GenericPort:
+    """Any other broker: the outbox in the transaction, acks after the commit
+    (a lost ack only means a redelivery, which the inbox skips)."""
+
+    def __init__(self, broker: Broker, store: Store) -> None:
+        self.broker = broker
+        self.publisher: Publisher = store.outbox_add
+
+    async def settle_in(
+        self, tx: Transaction, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        return None
+
+    async def settle_after(
+        self, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
+    ) -> None:
+        pairs = list(zip(deliveries, outcomes, strict=True))
+        try:
+            await self.broker.ack([d for d, o in pairs if not o.retry])
+        finally:
+            for delivery, outcome in pairs:
+                if outcome.retry:
+                    await self.broker.nack(delivery, delay=outcome.delay)
+
+    async def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self.broker.nack(delivery, delay=0.0)
 
 
 class Worker:
@@ -213,6 +326,7 @@ class Worker:
         prefetch: int,
     ) -> int:
         store = self.app.store
+        started = time.perf_counter()
         # The claim commits on its own: the attempt it counts must survive a
         # worker that dies handling the message, or a message that kills every
         # worker would be claimed at attempt 1 forever, never dead-lettered.
@@ -220,47 +334,36 @@ class Worker:
             deliveries = await binding.claim(
                 tx, handler.topic, handler.group, prefetch, lease=self.app.settings.lease
             )
+        self._fetched(handler, deliveries, started)
         if not deliveries:
             return 0
+        port = _BoundPort(binding, store)
         try:
             prepared = await self._before(handler, deliveries)
-            async with store.transaction() as tx:
-                outcomes = await self._handle_all(
-                    handler, call, tx, deliveries, binding.publish, prepared
-                )
-                settled = list(zip(deliveries, outcomes, strict=True))
-                await binding.ack(tx, [d for d, outcome in settled if not outcome.retry])
-                await binding.nack(tx, [(d, o.delay) for d, o in settled if o.retry])
         except BaseException:
-            # Rolled back (the grace period ran out, or the commit failed):
-            # hand the batch back now rather than when its lease expires.
-            # The attempt stays counted. Best effort: a dead worker cannot.
-            with contextlib.suppress(Exception):
-                async with store.transaction() as tx:
-                    await binding.nack(tx, [(d, 0.0) for d in deliveries])
+            await self._hand_back(handler, port, deliveries)
             raise
-        await self._sink_dead(settled)
-        self.processed += len(deliveries)
+        await self._unit(handler, call, port, deliveries, prepared)
         return len(deliveries)
 
     async def _batch(
         self, handler: Handler, call: Callable[[Context], Awaitable[None]], prefetch: int
     ) -> int:
         app = self.app
-        broker, store = app.broker, app.store
-        lease = app.settings.lease
+        broker = app.broker
+        started = time.perf_counter()
         deliveries = await broker.fetch(
-            handler.topic, handler.group, max_messages=prefetch, lease=lease
+            handler.topic, handler.group, max_messages=prefetch, lease=app.settings.lease
         )
+        self._fetched(handler, deliveries, started)
         if not deliveries:
             return 0
+        port = _GenericPort(broker, app.store)
         if handler.concurrency == 1:
             try:
                 prepared = await self._before(handler, deliveries)
             except BaseException:
-                with contextlib.suppress(Exception):  # hand the batch back now
-                    for delivery in deliveries:
-                        await broker.nack(delivery, delay=0.0)
+                await self._hand_back(handler, port, deliveries)
                 raise
             # A redelivered message may be one that kills its worker: it is
             # committed and acknowledged alone, after the others, so that it
@@ -268,31 +371,21 @@ class Worker:
             fresh = [d for d in deliveries if d.message.attempt == 1]
             again = [[d] for d in deliveries if d.message.attempt > 1]
             for group in [fresh, *again] if fresh else again:
-                await self._grouped(handler, call, group, prepared)
+                await self._unit(handler, call, port, group, prepared)
             return len(deliveries)
         limit = asyncio.Semaphore(handler.concurrency)
 
         async def one(delivery: Delivery) -> None:
             async with limit:
                 if self.stopping:
-                    await broker.nack(delivery, delay=0.0)
+                    await self._hand_back(handler, port, [delivery])
                     return
                 try:
                     prepared = await self._before(handler, [delivery])
-                    async with store.transaction() as tx:
-                        [outcome] = await self._handle_all(
-                            handler, call, tx, [delivery], store.outbox_add, prepared
-                        )
                 except BaseException:
-                    with contextlib.suppress(Exception):  # hand it back, as above
-                        await broker.nack(delivery, delay=0.0)
+                    await self._hand_back(handler, port, [delivery])
                     raise
-                await self._sink_dead([(delivery, outcome)])
-                if outcome.retry:
-                    await broker.nack(delivery, delay=outcome.delay)
-                else:
-                    await broker.ack([delivery])
-                self.processed += 1
+                await self._unit(handler, call, port, [delivery], prepared)
 
         # Settle the whole batch before reporting a failure (say, an ack the
         # broker refused): the other deliveries must not run on outside the
@@ -302,6 +395,73 @@ class Worker:
             if isinstance(result, BaseException):
                 raise result
         return len(deliveries)
+
+    async def _unit(
+        self,
+        handler: Handler,
+        call: Callable[[Context], Awaitable[None]],
+        port: _Port,
+        deliveries: Sequence[Delivery],
+        prepared: dict[str, object],
+    ) -> None:
+        """The unit of work of a batch, and the one place a delivery is
+        settled: its handling, inbox, outbox and (bound) acknowledgement in
+        one transaction; then the broker's copies of dead letters and the
+        acknowledgements the broker takes after the commit; then the
+        observers. A batch that rolls back is handed back at once."""
+        store = self.app.store
+        try:
+            async with store.transaction() as tx:
+                outcomes = await self._handle_all(
+                    handler, call, tx, deliveries, port.publisher, prepared
+                )
+                await port.settle_in(tx, deliveries, outcomes)
+        except BaseException:
+            # Rolled back (the grace period ran out, or the commit failed).
+            # The attempt stays counted. Best effort: a dead worker cannot.
+            await self._hand_back(handler, port, deliveries)
+            raise
+        dead = [d for o in outcomes for d in o.dead_letters]
+        if dead:
+            await self.app.dead_lettered(dead)
+        try:
+            await port.settle_after(deliveries, outcomes)
+        finally:
+            self.processed += len(deliveries)
+            observers = self.app.observers
+            if observers:
+                sent = [m for o in outcomes for m in o.published]
+                if sent:
+                    observers.published(sent, via="outbox", seconds=0.0)
+                observers.settled(
+                    [o.settlement(d, handler) for d, o in zip(deliveries, outcomes, strict=True)]
+                )
+
+    async def _hand_back(
+        self, handler: Handler, port: _Port, deliveries: Sequence[Delivery]
+    ) -> None:
+        """Give back deliveries that were rolled back (or never handled) now,
+        rather than when their lease expires; the attempt stays counted."""
+        with contextlib.suppress(Exception):
+            await port.hand_back(deliveries)
+        if self.app.observers:
+            self.app.observers.settled(
+                [
+                    Settlement(
+                        message=d.message, topic=handler.topic, group=d.group, outcome=ROLLED_BACK
+                    )
+                    for d in deliveries
+                ]
+            )
+
+    def _fetched(self, handler: Handler, deliveries: Sequence[Delivery], started: float) -> None:
+        if self.app.observers:
+            self.app.observers.fetched(
+                handler.topic,
+                handler.group,
+                count=len(deliveries),
+                seconds=time.perf_counter() - started,
+            )
 
     async def _before(self, handler: Handler, deliveries: Sequence[Delivery]) -> dict[str, object]:
         """What a batch needs before its transaction opens: the handler's rate
@@ -339,38 +499,6 @@ class Worker:
             return seconds(handler.retry.max_delay)
         return handler.retry.backoff(message.attempt, self._rng)
 
-    async def _grouped(
-        self,
-        handler: Handler,
-        call: Callable[[Context], Awaitable[None]],
-        deliveries: list[Delivery],
-        prepared: dict[str, object],
-    ) -> None:
-        """Group commit on the generic path: the batch shares one store
-        transaction (a savepoint per delivery, as on the bound path) and one
-        acknowledgement sent after the commit."""
-        broker, store = self.app.broker, self.app.store
-        try:
-            async with store.transaction() as tx:
-                outcomes = await self._handle_all(
-                    handler, call, tx, deliveries, store.outbox_add, prepared
-                )
-        except BaseException:
-            with contextlib.suppress(Exception):  # rolled back: hand the batch back now
-                for delivery in deliveries:
-                    await broker.nack(delivery, delay=0.0)
-            raise
-        settled = list(zip(deliveries, outcomes, strict=True))
-        await self._sink_dead(settled)
-        try:
-            # A lost ack only means a redelivery, which the inbox skips.
-            await broker.ack([d for d, outcome in settled if not outcome.retry])
-        finally:
-            for delivery, outcome in settled:
-                if outcome.retry:
-                    await broker.nack(delivery, delay=outcome.delay)
-        self.processed += len(deliveries)
-
     async def _handle_all(
         self,
         handler: Handler,
@@ -381,7 +509,7 @@ class Worker:
         prepared: dict[str, object],
     ) -> list[_Outcome]:
         """Run ``deliveries`` in ``tx``, each in its own savepoint; returns
-        whether to ack or retry each.
+        what became of each.
 
         The inbox costs two statements per batch, not one per message: it is
         read for the whole batch first (a recorded id is a duplicate: acked
@@ -396,24 +524,27 @@ class Worker:
         done = await store.inbox_seen(tx, handler.group, [d.message.id for d in deliveries])
         applied: list[str] = []
         outcomes: list[_Outcome] = []
-        published: list[Message] = []
         for delivery in deliveries:
             message = delivery.message
             if message.id in done:
                 log.debug(
                     "duplicate %s skipped",
                     message.id,
-                    extra={"event": "conveyor.duplicate_skipped", "message_id": message.id},
+                    extra={
+                        "event": "conveyor.duplicate_skipped",
+                        **_ids(message, handler.group),
+                    },
                 )
-                outcomes.append(_ACK)
+                outcomes.append(_Outcome(DUPLICATE))
                 continue
             outcome = await self._handle(
-                handler, call, tx, delivery, published, prepared.get(delivery.receipt, _UNSET)
+                handler, call, tx, delivery, prepared.get(delivery.receipt, _UNSET)
             )
-            if outcome.applied:
+            if outcome.kind == APPLIED:
                 done.add(message.id)
                 applied.append(message.id)
             outcomes.append(outcome)
+        published = [m for o in outcomes for m in o.published]
         if published:
             await publisher(tx, published)
         await store.inbox_add_many(tx, handler.group, applied)
@@ -425,116 +556,133 @@ class Worker:
         call: Callable[[Context], Awaitable[None]],
         tx: Transaction,
         delivery: Delivery,
-        published: list[Message],
         prepared: object,
     ) -> _Outcome:
-        """Run one delivery inside ``tx``; returns whether to ack or retry and
-        whether the inbox must record it. What the handler publishes joins
-        ``published`` only if its savepoint commits.
-
-        Dead letters are written to ``tx`` here and acknowledged by the caller.
-        """
+        """Run one delivery inside ``tx``: what became of it, with what its
+        handler published (only if its savepoint committed) and the dead
+        letters written (to ``tx``, acknowledged by the caller)."""
         app = self.app
         message = delivery.message
         policy = handler.retry
-        if delivery.malformed is not None:
-            return await self._dead(
-                tx,
-                handler,
-                message,
-                f"malformed message: {delivery.malformed}",
-                "MalformedMessage",
-                "",
-            )
-        if len(message.payload) > app.settings.max_payload:
-            # Written by something that skipped publish()'s check: refused
-            # here too, so a handler never sees more than the bound.
-            return await self._dead(
-                tx,
-                handler,
-                message,
-                f"payload of {len(message.payload)} bytes is over max_payload "
-                f"({app.settings.max_payload} bytes)",
-                "PayloadTooLarge",
-                "",
-            )
-        if message.attempt > policy.max_attempts:
-            return await self._dead(
-                tx,
-                handler,
-                message,
-                f"delivered {message.attempt} times without an outcome "
-                "(worker killed or lease expired while handling it)",
-                "Undeliverable",
-                "",
-            )
-        if handler.retry_budget is not None and message.attempt == 1:
-            handler.retry_budget.record_attempt()
         sent: list[Message] = []
 
         async def collect(_tx: Transaction, messages: Sequence[Message]) -> None:
             sent.extend(messages)
 
-        ctx = Context(message, handler.group, tx, collect, app.codec, app.settings.max_payload)
+        ctx = Context(message, handler.group, tx, collect, app.outbound, app.store)
+
+        async def dead(reason: str, error_type: str, tb: str = "") -> _Outcome:
+            await ctx.dead_letter(reason, error_type=error_type, traceback=tb)
+            return _Outcome(
+                DEAD_LETTER, reason=reason, error_type=error_type, dead_letters=ctx.dead_letters
+            )
+
+        if delivery.malformed is not None:
+            return await dead(f"malformed message: {delivery.malformed}", "MalformedMessage")
+        if len(message.payload) > app.settings.max_payload:
+            # Written by something that skipped publish()'s check: refused
+            # here too, so a handler never sees more than the bound.
+            return await dead(
+                f"payload of {len(message.payload)} bytes is over max_payload "
+                f"({app.settings.max_payload} bytes)",
+                "PayloadTooLarge",
+            )
+        if message.attempt > policy.max_attempts:
+            return await dead(
+                f"delivered {message.attempt} times without an outcome "
+                "(worker killed or lease expired while handling it)",
+                "Undeliverable",
+            )
+        if handler.retry_budget is not None and message.attempt == 1:
+            handler.retry_budget.record_attempt()
         if prepared is not _UNSET:
             ctx.set_prepared(
                 prepared.error if isinstance(prepared, _Failed) else prepared,
                 failed=isinstance(prepared, _Failed),
             )
+        started = time.time()
+        trace = ambient_traceparent.set(message.traceparent)
         try:
             async with tx.savepoint():
-                if handler.timeout is None:
-                    await call(ctx)
-                else:
-                    try:
-                        async with asyncio.timeout(handler.timeout) as scope:
-                            await call(ctx)
-                    except TimeoutError as exc:
-                        if scope.expired():
-                            raise HandlerTimeout(
-                                f"handler {handler.func.__qualname__} ran past its "
-                                f"{handler.timeout:g}s timeout"
-                            ) from exc
-                        raise
-            published.extend(sent)
-            return _APPLIED
+                with app.observers.consuming(ctx) if app.observers else _NOTHING:
+                    if handler.timeout is None:
+                        await call(ctx)
+                    else:
+                        try:
+                            async with asyncio.timeout(handler.timeout) as scope:
+                                await call(ctx)
+                        except TimeoutError as exc:
+                            if scope.expired():
+                                raise HandlerTimeout(
+                                    f"handler {handler.func.__qualname__} ran past its "
+                                    f"{handler.timeout:g}s timeout"
+                                ) from exc
+                            raise
+            log.debug(
+                "handled %s",
+                message.id,
+                extra={"event": "conveyor.handled", **_ids(message, ctx.group)},
+            )
+            return _Outcome(
+                APPLIED,
+                started=started,
+                finished=time.time(),
+                published=sent,
+                dead_letters=ctx.dead_letters,
+            )
         except Skip:
-            return _APPLIED
+            return _Outcome(APPLIED, started=started, finished=time.time())
         except DeadLetter as signal:
-            return await self._dead(tx, handler, message, signal.reason, "DeadLetter", "")
+            ctx.dead_letters.clear()  # the savepoint's writes, dead letters included, are gone
+            return await dead(signal.reason, "DeadLetter")
         except Retry as signal:
+            ctx.dead_letters.clear()
             if message.attempt < policy.max_attempts:
                 delay = (
                     signal.delay if signal.delay is not None else self._backoff(handler, message)
                 )
-                self._log_retry(handler, message, delay, signal.reason or "Retry requested")
-                return _Outcome(retry=True, delay=delay)
-            return await self._dead(
-                tx,
-                handler,
-                message,
-                f"retry requested after the last attempt ({message.attempt})",
-                "Retry",
-                "",
+                why = signal.reason or "Retry requested"
+                self._log_retry(handler, message, delay, why)
+                return _Outcome(
+                    RETRY,
+                    delay=delay,
+                    reason=why,
+                    error_type="Retry",
+                    started=started,
+                    finished=time.time(),
+                )
+            return await dead(
+                f"retry requested after the last attempt ({message.attempt})", "Retry"
             )
         except Exception as exc:
+            ctx.dead_letters.clear()
+            error_type = _qualname(type(exc))
             if policy.should_retry(exc, message.attempt):
                 delay = self._backoff(handler, message)
-                self._log_retry(handler, message, delay, f"{type(exc).__name__}: {exc}")
-                return _Outcome(retry=True, delay=delay)
+                why = f"{type(exc).__name__}: {exc}"
+                self._log_retry(handler, message, delay, why)
+                return _Outcome(
+                    RETRY,
+                    delay=delay,
+                    reason=why,
+                    error_type=error_type,
+                    started=started,
+                    finished=time.time(),
+                )
             why = (
                 "permanent error"
                 if not policy.is_retryable(exc)
                 else f"gave up after {message.attempt} attempt(s)"
             )
-            return await self._dead(
-                tx,
-                handler,
-                message,
+            outcome = await dead(
                 f"{why}: {type(exc).__name__}: {exc}",
-                _qualname(type(exc)),
+                error_type,
                 "".join(traceback.format_exception(exc)),
             )
+            outcome.started, outcome.finished = started, time.time()
+            return outcome
+        finally:
+            ambient_traceparent.reset(trace)
 
     def _log_retry(self, handler: Handler, message: Message, delay: float, why: str) -> None:
         log.info(
@@ -546,67 +694,10 @@ class Worker:
             why,
             extra={
                 "event": "conveyor.retry_scheduled",
-                "message_id": message.id,
-                "correlation_id": message.correlation_id,
-                "group": handler.group,
+                **_ids(message, handler.group),
+                "delay": delay,
             },
         )
-
-    async def _dead(
-        self,
-        tx: Transaction,
-        handler: Handler,
-        message: Message,
-        reason: str,
-        error_type: str,
-        tb: str,
-    ) -> _Outcome:
-        await self.app.store.dead_letter(
-            tx,
-            group=handler.group,
-            message=message,
-            reason=reason,
-            error_type=error_type,
-            traceback=tb,
-        )
-        log.warning(
-            "dead-lettered %s for %s: %s",
-            message.id,
-            handler.group,
-            reason,
-            extra={
-                "event": "conveyor.dead_lettered",
-                "message_id": message.id,
-                "correlation_id": message.correlation_id,
-                "group": handler.group,
-            },
-        )
-        return _Outcome(dead=(reason, error_type))
-
-    async def _sink_dead(self, settled: Sequence[tuple[Delivery, _Outcome]]) -> None:
-        """Hand committed dead letters to a broker that keeps its own (Kafka's
-        dead-letter topic). A failure loses nothing, the store has them."""
-        broker = self.app.broker
-        if not isinstance(broker, DeadLetterSink):
-            return
-        for delivery, outcome in settled:
-            if outcome.dead is None:
-                continue
-            reason, error_type = outcome.dead
-            try:
-                await broker.dead_letter(delivery, reason=reason, error_type=error_type)
-            except Exception as exc:
-                log.warning(
-                    "broker dead-letter copy of %s failed: %r",
-                    delivery.message.id,
-                    exc,
-                    extra={
-                        "event": "conveyor.dead_letter_sink_failed",
-                        "message_id": delivery.message.id,
-                        "correlation_id": delivery.message.correlation_id,
-                        "group": delivery.group,
-                    },
-                )
 
     async def _relay(self) -> None:
         """Publish committed outbox rows (only when the broker is not the store)."""
@@ -618,8 +709,24 @@ class Worker:
             try:
                 rows = await app.store.outbox_claim(limit=256, lease=app.settings.lease)
                 if rows:
-                    await app.broker.publish([m for _, m in rows])
+                    messages = [m for _, m in rows]
+                    started = time.perf_counter()
+                    try:
+                        await app.broker.publish(messages)
+                    except Exception as exc:
+                        if app.observers:
+                            app.observers.published(
+                                messages,
+                                via="relay",
+                                seconds=time.perf_counter() - started,
+                                error=exc,
+                            )
+                        raise
                     await app.store.outbox_done([i for i, _ in rows])
+                    if app.observers:
+                        app.observers.published(
+                            messages, via="relay", seconds=time.perf_counter() - started
+                        )
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception:
@@ -653,6 +760,21 @@ class Worker:
                     older_than=app.clock.time() - app.settings.inbox_retention
                 )
             await asyncio.sleep(3600)
+
+
+def _ids(message: Message, group: str) -> dict[str, object]:
+    """The ids a log record about ``message`` carries."""
+    return {
+        "message_id": message.id,
+        "correlation_id": message.correlation_id,
+        "causation_id": message.causation_id,
+        "topic": message.topic,
+        "group": group,
+        "attempt": message.attempt,
+    }
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def _qualname(cls: type[BaseException]) -> str:

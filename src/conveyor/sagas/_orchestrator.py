@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Unpack
 
 import pydantic
 
 from conveyor.errors import ConfigError, DeadLetter, SagaConflict, SagaError, StepFailed
-from conveyor.messages import CAUSATION_ID, CORRELATION_ID, Message, uuid7
-from conveyor.resilience import Bulkhead, CircuitBreaker, Limiter, RetryPolicy
+from conveyor.messages import CORRELATION_ID, Message, uuid7
+from conveyor.resilience import RetryPolicy
 from conveyor.runtime import App, Context, Session
-from conveyor.runtime._handlers import Handler
+from conveyor.runtime._context import Outbound
+from conveyor.runtime._handlers import Handler, HandlerOptions
 from conveyor.sagas._definition import Saga, Step
 from conveyor.sagas._history import (
     COMPENSATING,
@@ -86,7 +87,15 @@ def _as_dict(value: object, what: str) -> dict[str, Any]:
 class _Turn:
     """The events and messages one orchestrator step produces."""
 
-    def __init__(self, saga: Saga, record: SagaRecord, now: float, cause: Message | None) -> None:
+    def __init__(
+        self,
+        saga: Saga,
+        record: SagaRecord,
+        now: float,
+        cause: Message | None,
+        outbound: Outbound,
+    ) -> None:
+        self.outbound = outbound
         self.saga = saga
         self.record = record
         self.now = now
@@ -103,14 +112,14 @@ class _Turn:
     def message(
         self, topic: str, body: object, *, type: str, headers: dict[str, str], delay: float = 0.0
     ) -> Message:
+        # The saga id is the correlation id of everything the saga sends.
         causal = {CORRELATION_ID: self.record.id}
         if self.cause is not None:
             causal = {**self.cause.causal_headers(), CORRELATION_ID: self.record.id}
-            causal[CAUSATION_ID] = self.cause.id
         # No ordering key: a participant needs none (a compensation that
         # overtakes its action voids the step), and one held-back message
         # must never queue a saga's others behind it.
-        message = Message.create(topic, body, type=type, headers={**headers, **causal})
+        message = self.outbound.build(topic, body, {"type": type, "headers": {**headers, **causal}})
         if delay > 0:
             message = replace(message, not_before=self.now + delay)
         return message
@@ -205,7 +214,7 @@ class Sagas:
         commits. Starting an id that already exists changes nothing and returns it."""
         definition = self.definition(saga if isinstance(saga, str) else saga.name)
         sid = saga_id or uuid7()
-        turn = _Turn(definition, _blank(sid), self.app.clock.time(), None)
+        turn = _Turn(definition, _blank(sid), self.app.clock.time(), None, self.app.outbound)
         turn.emit(
             "started",
             name=definition.name,
@@ -350,7 +359,7 @@ class Sagas:
             saga = self.definition(record.name, record.version)
         except SagaError as exc:
             raise DeadLetter(str(exc)) from None
-        turn = _Turn(saga, record, self.app.clock.time(), message)
+        turn = _Turn(saga, record, self.app.clock.time(), message, self.app.outbound)
         before = record.seq
         if token != record.token or (record.terminal and message.type != _RESUME):
             if message.type == _REPLY:
@@ -381,14 +390,17 @@ class Sagas:
         await self._notify(session, turn)
         saga_id = turn.record.id
         for dead, why in turn.dead:
-            _log.error("saga %s failed: %s", saga_id, why, extra={"saga_id": saga_id})
-            await self.app.store.dead_letter(
-                session.tx,
-                group=turn.saga.topic,
-                message=dead,
-                reason=f"saga {saga_id}: {why}",
+            _log.error(
+                "saga %s failed: %s",
+                saga_id,
+                why,
+                extra={"event": "conveyor.saga_failed", "saga_id": saga_id},
+            )
+            await session.dead_letter(
+                f"saga {saga_id}: {why}",
                 error_type="SagaCompensationFailed",
-                traceback="",
+                message=dead,
+                group=turn.saga.topic,
             )
 
     async def _expire(self, app: App) -> None:
@@ -415,7 +427,7 @@ class Sagas:
                         continue
                     saga = self._definitions[(record.name, record.version)]
                     step = saga.steps[record.step]
-                    turn = _Turn(saga, record, now, None)
+                    turn = _Turn(saga, record, now, None, self.app.outbound)
                     timeout = step.timeout_for(record.phase) or 0.0
                     self._step_failed(turn, step, f"no reply within {timeout:g}s", timed_out=True)
                     await self._commit(session, record.seq, turn)
@@ -479,17 +491,7 @@ class Sagas:
     # Participants. ---------------------------------------------------------
 
     def participant(
-        self,
-        topic: str,
-        *,
-        group: str | None = None,
-        concurrency: int = 1,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        breakers: Sequence[CircuitBreaker] = (),
-        rate_limit: Limiter | str | None = None,
-        rate_limit_key: Callable[[Message], Hashable] | None = None,
-        bulkhead: Bulkhead | None = None,
+        self, topic: str, *, group: str | None = None, **options: Unpack[HandlerOptions]
     ) -> Callable[[ParticipantFunc], ParticipantFunc]:
         """Register ``async def f(ctx, data) -> dict | None`` as the handler of
         saga commands on ``topic``; what it returns is merged into the saga's
@@ -502,6 +504,8 @@ class Sagas:
         so the late action does nothing; a compensation of a step that never
         acted replies at once without calling ``f``. So an action and its
         compensation must be handled by services that share one store.
+
+        The options are ``App.handler``'s (``HandlerOptions``).
         """
 
         def register(func: ParticipantFunc) -> ParticipantFunc:
@@ -517,17 +521,7 @@ class Sagas:
                 await self._participate(ctx, call)
 
             handle.__qualname__ = func.__qualname__
-            self.app.handler(
-                topic,
-                group=group or func.__name__,
-                concurrency=concurrency,
-                retry=retry,
-                timeout=timeout,
-                breakers=breakers,
-                rate_limit=rate_limit,
-                rate_limit_key=rate_limit_key,
-                bulkhead=bulkhead,
-            )(handle)
+            self.app.handler(topic, group=group or func.__name__, **options)(handle)
             return func
 
         return register

@@ -1,0 +1,190 @@
+"""Observer hooks: what metrics, tracing, logs and the console see of every
+message's life, called by the runtime from one place per event.
+
+An ``Observer`` overrides the hooks it needs; the others do nothing:
+
+- ``outgoing(topic, headers)``: a message is being built for ``topic``
+  (``App.publish``, ``Session.publish``, a handler's ``ctx.publish``, a saga
+  command); the observer may add headers (a tracer injects ``traceparent``).
+- ``published(messages, via, seconds, error)``: messages left: ``via`` is
+  ``"publish"`` (``App.publish``, straight to the broker), ``"outbox"`` (a
+  transaction that wrote them committed) or ``"relay"`` (the outbox relay
+  sent committed rows).
+- ``fetched(topic, group, count, seconds)``: a consumer fetched a batch.
+- ``consuming(ctx)``: a context manager around one handler call (middleware
+  included), inside the handler's transaction.
+- ``settled(events)``: what became of each message of a batch once its
+  transaction ended: ``Settlement`` with the outcome (``applied``,
+  ``duplicate``, ``retry`` + delay, ``dead_letter`` + reason, or
+  ``rolled_back``) and the dead letters the batch wrote.
+- ``dead_lettered(dead)``: dead letters committed, by a worker, a saga, a
+  webhook giving up, or any ``Session.dead_letter``.
+
+Hooks are called synchronously on the event loop and must be quick; an
+exception in one is logged and never changes the outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from conveyor.messages import Message
+
+if TYPE_CHECKING:
+    from conveyor.runtime._context import Context
+
+__all__ = [
+    "APPLIED",
+    "DEAD_LETTER",
+    "DUPLICATE",
+    "DeadLettered",
+    "Observer",
+    "Observers",
+    "RETRY",
+    "ROLLED_BACK",
+    "Settlement",
+]
+
+log = logging.getLogger("conveyor.observe")
+
+APPLIED = "applied"
+DUPLICATE = "duplicate"
+RETRY = "retry"
+DEAD_LETTER = "dead_letter"
+ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """A dead letter a transaction wrote (the message's own, or one a
+    handler wrote for another message, as a saga giving up does)."""
+
+    group: str
+    message: Message
+    reason: str
+    error_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settlement:
+    """What became of one delivered message.
+
+    ``started`` and ``finished`` are wall-clock times around its handler
+    (None when no handler ran: a duplicate, a malformed message); ``delay``
+    is the retry's; ``reason`` and ``error_type`` are the dead letter's or
+    the retried error's; ``dead_letters`` holds every dead letter its handler
+    call wrote (its own included)."""
+
+    message: Message
+    topic: str
+    group: str
+    outcome: str
+    started: float | None = None
+    finished: float | None = None
+    delay: float | None = None
+    reason: str = ""
+    error_type: str = ""
+    dead_letters: tuple[DeadLettered, ...] = field(default=())
+
+
+class Observer:
+    """Override the hooks you need; see the module doc."""
+
+    def outgoing(self, topic: str, headers: dict[str, str]) -> None:
+        """Add headers to a message being built for ``topic``."""
+
+    def published(
+        self, messages: Sequence[Message], *, via: str, seconds: float, error: BaseException | None
+    ) -> None:
+        """Messages left (or failed to: ``error``) ``via`` publish, outbox or relay."""
+
+    def fetched(self, topic: str, group: str, *, count: int, seconds: float) -> None:
+        """A consumer fetched ``count`` messages (0: nothing was ready)."""
+
+    @contextlib.contextmanager
+    def consuming(self, ctx: Context) -> Iterator[None]:
+        """Around one handler call."""
+        yield
+
+    def settled(self, events: Sequence[Settlement]) -> None:
+        """The outcomes of one batch, after its transaction ended."""
+
+    def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
+        """Dead letters whose transaction committed (a worker's, a saga's...)."""
+
+
+class Observers:
+    """The app's observers, called in order; a failing hook is logged."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[Observer] = ()) -> None:
+        self.items: list[Observer] = list(items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def outgoing(self, topic: str, headers: dict[str, str]) -> None:
+        for observer in self.items:
+            try:
+                observer.outgoing(topic, headers)
+            except Exception:
+                _failed(observer, "outgoing")
+
+    def published(
+        self,
+        messages: Sequence[Message],
+        *,
+        via: str,
+        seconds: float,
+        error: BaseException | None = None,
+    ) -> None:
+        for observer in self.items:
+            try:
+                observer.published(messages, via=via, seconds=seconds, error=error)
+            except Exception:
+                _failed(observer, "published")
+
+    def fetched(self, topic: str, group: str, *, count: int, seconds: float) -> None:
+        for observer in self.items:
+            try:
+                observer.fetched(topic, group, count=count, seconds=seconds)
+            except Exception:
+                _failed(observer, "fetched")
+
+    @contextlib.contextmanager
+    def consuming(self, ctx: Context) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for observer in self.items:
+                try:
+                    stack.enter_context(observer.consuming(ctx))
+                except Exception:
+                    _failed(observer, "consuming")
+            yield
+
+    def settled(self, events: Sequence[Settlement]) -> None:
+        for observer in self.items:
+            try:
+                observer.settled(events)
+            except Exception:
+                _failed(observer, "settled")
+
+    def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
+        for observer in self.items:
+            try:
+                observer.dead_lettered(dead)
+            except Exception:
+                _failed(observer, "dead_lettered")
+
+
+def _failed(observer: Observer, hook: str) -> None:
+    log.exception(
+        "observer %s failed in %s; the message's outcome is unchanged",
+        type(observer).__qualname__,
+        hook,
+        extra={"event": "conveyor.observer_failed"},
+    )
