@@ -9,15 +9,21 @@ from conveyor.runtime._admin import (
 )
 from conveyor.runtime._app import App
 from conveyor.runtime._context import Context, Middleware, PublishOptions, Session
+from conveyor.runtime._handlers import HandlerOptions
+from conveyor.runtime._observe import DeadLettered, Observer, Settlement
 from conveyor.runtime._worker import Worker
 
 __all__ = [
     "App",
     "Context",
+    "DeadLettered",
+    "HandlerOptions",
     "Middleware",
+    "Observer",
     "PublishOptions",
     "QueueRow",
     "Session",
+    "Settlement",
     "Worker",
     "iter_dead_letters",
     "purge_dead_letters",
