@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         description="App.publish raises Overloaded while a topic's backlog is deeper",
     )
     log_level: str = "INFO"
+    log_format: str = pydantic.Field(
+        default="text", description="text, or json: one JSON object per log record"
+    )
 
     @pydantic.field_validator("log_level")
     @classmethod
@@ -53,6 +56,14 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @pydantic.field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        form = value.strip().lower()
+        if form not in ("text", "json"):
+            raise ValueError(f"{value!r} is not a log format; use text or json")
+        return form
 
     @property
     def resolved_store_url(self) -> str:

@@ -4,7 +4,6 @@ import asyncio
 import dataclasses
 import importlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
-from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
@@ -23,6 +21,7 @@ from conveyor._urls import redact
 from conveyor.brokers import broker_from_url
 from conveyor.cli._output import console, error_line, errors, fit, styled, when
 from conveyor.errors import ConfigError, ConveyorError
+from conveyor.observability import FORMATS, configure_logging
 from conveyor.runtime import (
     App,
     QueueRow,
@@ -66,11 +65,14 @@ LogOpt = Annotated[
         help=f"{', '.join(LOG_LEVELS)} (default: CONVEYOR_LOG_LEVEL, else INFO).",
     ),
 ]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="text or json: one JSON object per line (default: CONVEYOR_LOG_FORMAT).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON: one object per line.")]
-
-# Drivers log their own view of failures Conveyor reports in its own words
-# (a refused connection, a reconnect); below DEBUG they are kept quiet.
-_DRIVER_LOGGERS = ("aio_pika", "aiormq", "aiokafka", "nats", "asyncpg", "redis", "httpx")
 
 
 class _Exit(Exception):
@@ -112,19 +114,16 @@ def _fail(message: str) -> NoReturn:
     raise _Exit(message)
 
 
-def _setup_logging(level: str | None) -> None:
-    """Log records to stderr at ``level`` (a CLI option or CONVEYOR_LOG_LEVEL,
-    checked by the settings; INFO until they are loaded)."""
+def _setup_logging(level: str | None, fmt: str | None = None) -> None:
+    """Log records to stderr at ``level`` in ``fmt`` (CLI options, or
+    CONVEYOR_LOG_LEVEL / CONVEYOR_LOG_FORMAT, checked by the settings; INFO
+    and text until they are loaded)."""
     wanted = (level or os.environ.get("CONVEYOR_LOG_LEVEL") or "INFO").strip().upper()
-    numeric = getattr(logging, wanted, logging.INFO) if wanted in LOG_LEVELS else logging.INFO
-    root = logging.getLogger()
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        root.addHandler(
-            RichHandler(console=errors, rich_tracebacks=False, show_path=False, markup=False)
-        )
-    root.setLevel(numeric)
-    for name in _DRIVER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else 100)
+    form = (fmt or os.environ.get("CONVEYOR_LOG_FORMAT") or "text").strip().lower()
+    configure_logging(
+        level=wanted if wanted in LOG_LEVELS else "INFO",
+        format=form if form in FORMATS else "text",
+    )
 
 
 def _settings(
@@ -132,16 +131,22 @@ def _settings(
     store: str | None = None,
     env_file: Path | None = None,
     log_level: str | None = None,
+    log_format: str | None = None,
     **overrides: object,
 ) -> Settings:
     """The settings of a command: its options over CONVEYOR_* variables over
     ``--env-file``; logging is set up first, so that a warning about an
     unknown variable is printed like any other."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     settings = load_settings(
-        env_file, broker_url=broker, store_url=store, log_level=log_level, **overrides
+        env_file,
+        broker_url=broker,
+        store_url=store,
+        log_level=log_level,
+        log_format=log_format,
+        **overrides,
     )
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     # A bad URL is an error even for a command that then has nothing to read.
     broker_from_url(settings.broker_url)
     store_from_url(settings.resolved_store_url)
@@ -201,18 +206,20 @@ def worker(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
     grace_period: Annotated[
         float | None, typer.Option(help="Seconds to finish in-flight work on SIGTERM.")
     ] = None,
 ) -> None:
     """Run the handlers of MODULE:APP until SIGTERM/SIGINT (graceful shutdown)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     application = _load_app(target)
     overrides = {
         "broker_url": broker,
         "store_url": store,
         "grace_period": grace_period,
         "log_level": log_level,
+        "log_format": log_format,
     }
     if env_file is not None:
         # The file's settings under the environment's and the options'.
@@ -221,7 +228,7 @@ def worker(
         base = application.settings.model_dump()
         base.update({k: v for k, v in overrides.items() if v is not None})
         application.settings = load_settings(**base)
-    _setup_logging(application.settings.log_level)
+    _setup_logging(application.settings.log_level, application.settings.log_format)
     _run(application.run)
 
 
@@ -231,10 +238,11 @@ def relay(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Publish committed outbox rows to the broker (needed only when the store
     is not the broker's database and no worker is running)."""
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     _run(App("relay", settings=settings).run)
 
 
@@ -248,6 +256,7 @@ def serve(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Serve the HTTP job API MODULE:ATTR (a conveyor.http.JobAPI) with uvicorn.
 
@@ -255,7 +264,7 @@ def serve(
     environment variables before the module is imported (in every server
     process), for an App built from the environment. Jobs run in
     `conveyor worker MODULE:APP` processes."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     if env_file is not None:
         if not env_file.is_file():
             _fail(f"settings file {str(env_file)!r} does not exist")
@@ -268,6 +277,7 @@ def serve(
         ("CONVEYOR_BROKER_URL", broker),
         ("CONVEYOR_STORE_URL", store),
         ("CONVEYOR_LOG_LEVEL", log_level),
+        ("CONVEYOR_LOG_FORMAT", log_format),
     ):
         if value is not None:
             os.environ[name] = value
@@ -281,7 +291,7 @@ def serve(
         _fail(f"{target!r} is not a conveyor.http.JobAPI (found {type(api).__name__})")
     import uvicorn
 
-    _setup_logging(api.app.settings.log_level)
+    _setup_logging(api.app.settings.log_level, api.app.settings.log_format)
     uvicorn.run(
         target if workers > 1 else api,
         host=host,
@@ -303,11 +313,12 @@ def keys_create(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Create an API key; prints the secret, which is shown only this once."""
     from conveyor.http import ApiKeys
 
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
 
     async def go() -> str:
         async with App("cli", settings=settings) as application:
@@ -323,11 +334,12 @@ def keys_list(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """List API keys by name (the secrets are not stored, only their hashes)."""
     from conveyor.http import ApiKey, ApiKeys
 
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     keys: list[ApiKey] = []
     if _missing_database(settings) is None:
 
@@ -358,11 +370,12 @@ def keys_revoke(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
     from conveyor.http import ApiKeys
 
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     if _missing_database(settings) is not None:
         _fail(f"no API key named {name!r} (see `conveyor keys list`)")
 
@@ -389,6 +402,7 @@ def publish(
     broker: BrokerOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Publish one message; prints its id once the broker has it."""
     text = sys.stdin.read() if payload == "-" else payload
@@ -402,7 +416,7 @@ def publish(
         if not sep or not name:
             _fail(f"header {item!r} must be NAME=VALUE")
         headers[name] = value
-    settings = _settings(broker, None, env_file, log_level)
+    settings = _settings(broker, None, env_file, log_level, log_format)
 
     async def go() -> str:
         async with App("cli", settings=settings) as application:
@@ -421,9 +435,10 @@ def queues(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Ready, in-flight, delayed and dead messages per topic and group."""
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     rows: list[QueueRow] = []
     if _missing_database(settings, broker=True) is None:
 
@@ -478,10 +493,11 @@ def dlq_list(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """List dead letters, oldest first, a page at a time (--after ID for the
     next); the title says how many match in all. --json streams."""
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     if _missing_database(settings) is not None:
         if not as_json:
             console.print(styled("no dead letters", "green"))
@@ -560,9 +576,10 @@ def dlq_show(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Show one dead letter: message, reason, attempts, timestamps, traceback."""
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     if _missing_database(settings) is not None:
         _fail(f"no dead letter with id {dead_id} (see `conveyor dlq list`)")
 
@@ -615,11 +632,12 @@ def dlq_replay(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Send dead letters back to their group (same message id: the inbox still
     refuses anything already applied)."""
     where = _selection(ids, group, topic, error_type, all_)
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     if _missing_database(settings) is not None:
         if ids:
             _fail(f"no dead letter with id {', '.join(map(str, ids))} (see `conveyor dlq list`)")
@@ -646,10 +664,11 @@ def dlq_purge(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Delete dead letters for good."""
     where = _selection(ids, group, topic, error_type, all_)
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     if _missing_database(settings) is not None:
         if ids:
             _fail(f"no dead letter with id {', '.join(map(str, ids))} (see `conveyor dlq list`)")
@@ -683,12 +702,13 @@ def sagas_list(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """List saga instances, newest first: state, current step, age, error."""
     from conveyor.cli import _sagas
 
     states = _sagas.parse_states(state or [])
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     records: list[SagaRecord] = []
     names: dict[str, list[str]] = {}
     if _missing_database(settings) is None:
@@ -717,12 +737,13 @@ def sagas_show(
     store: StoreOpt = None,
     env_file: EnvOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Show one saga: its state and data, the timeline of its history, how
     long each step took, and whether the history folds back to the record."""
     from conveyor.cli import _sagas
 
-    settings = _settings(broker, store, env_file, log_level)
+    settings = _settings(broker, store, env_file, log_level, log_format)
     view = None
     if _missing_database(settings) is None:
         view = _run(lambda: _sagas.fetch_saga(settings.resolved_store_url, saga_id))
@@ -761,6 +782,7 @@ def demo(
     timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the reference order system and check its invariants.
 
@@ -770,7 +792,7 @@ def demo(
     SQLite file. A PostgreSQL URL without `namespace=` gets a fresh one.
     CONVEYOR_BROKER_URL and CONVEYOR_STORE_URL are not read: a demo always
     starts from an empty database."""
-    _setup_logging(log_level or "WARNING")
+    _setup_logging(log_level or "WARNING", log_format)
     from conveyor.examples.orders.demo import DEFAULT_STOCK, Faults, run_demo
 
     if db is not None and (broker is not None or store is not None):
@@ -863,12 +885,13 @@ def bench(
     messages: Annotated[int, typer.Option(min=1000, help="Messages per measurement.")] = 20_000,
     output: OutputOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Measure the embedded broker and unit of work against raw sqlite3 loops
     (`conveyor bench brokers`: the server brokers)."""
     if ctx.invoked_subcommand is not None:
         return
-    _setup_logging(log_level or "WARNING")
+    _setup_logging(log_level or "WARNING", log_format)
     from conveyor.cli._bench import run_bench
 
     run_bench(console, messages=messages, output=output)
@@ -882,12 +905,13 @@ def bench_brokers(
     ] = "redis,rabbitmq,postgres,nats,kafka",
     output: OutputOpt = None,
     log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Measure the server brokers against their raw clients and Dramatiq.
 
     Also the PostgreSQL unit of work against a raw asyncpg loop. Needs the
     servers on 127.0.0.1 (./scripts/services) and a source checkout."""
-    _setup_logging(log_level or "WARNING")
+    _setup_logging(log_level or "WARNING", log_format)
     try:
         from benchmarks.brokers import run_broker_bench
     except ImportError as exc:

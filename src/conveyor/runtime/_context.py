@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, TypedDict, Unpack
 
 from conveyor.errors import ConfigError
@@ -17,6 +19,8 @@ __all__ = [
     "PublishOptions",
     "Session",
     "ambient_traceparent",
+    "log_fields",
+    "logged_with",
 ]
 
 _log = logging.getLogger("conveyor.handler")
@@ -42,6 +46,24 @@ ambient_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar
 )
 """The trace a message sent from here belongs to, when no message caused it:
 set while a handler runs (its message's) and by an HTTP front (its request's)."""
+
+
+log_fields: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "conveyor_log_fields", default=MappingProxyType({})
+)
+"""Ids every log record written now carries (the message being handled, its
+correlation id, group, saga, job...): set by the worker around a handler."""
+
+
+@contextlib.contextmanager
+def logged_with(**fields: object) -> Iterator[None]:
+    """Add ``fields`` to every log record written in the block (see
+    ``log_fields``); the block's own fields win over the enclosing ones."""
+    token = log_fields.set({**log_fields.get(), **fields})
+    try:
+        yield
+    finally:
+        log_fields.reset(token)
 
 
 class Outbound:

@@ -42,9 +42,9 @@ from conveyor.brokers._protocol import (
     TransactionalBroker,
 )
 from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
-from conveyor.messages import Message
+from conveyor.messages import Message, trace_id
 from conveyor.resilience._breaker import admit
-from conveyor.runtime._context import Context, Publisher, ambient_traceparent
+from conveyor.runtime._context import Context, Publisher, ambient_traceparent, log_fields
 from conveyor.runtime._handlers import Handler
 from conveyor.runtime._observe import (
     APPLIED,
@@ -602,6 +602,7 @@ class Worker:
             )
         started = time.time()
         trace = ambient_traceparent.set(message.traceparent)
+        fields = log_fields.set(_ids(message, handler.group))
         try:
             async with tx.savepoint():
                 with app.observers.consuming(ctx) if app.observers else _NOTHING:
@@ -682,6 +683,7 @@ class Worker:
             outcome.started, outcome.finished = started, time.time()
             return outcome
         finally:
+            log_fields.reset(fields)
             ambient_traceparent.reset(trace)
 
     def _log_retry(self, handler: Handler, message: Message, delay: float, why: str) -> None:
@@ -764,7 +766,7 @@ class Worker:
 
 def _ids(message: Message, group: str) -> dict[str, object]:
     """The ids a log record about ``message`` carries."""
-    return {
+    ids: dict[str, object] = {
         "message_id": message.id,
         "correlation_id": message.correlation_id,
         "causation_id": message.causation_id,
@@ -772,6 +774,13 @@ def _ids(message: Message, group: str) -> dict[str, object]:
         "group": group,
         "attempt": message.attempt,
     }
+    saga = message.headers.get("saga-id")
+    if saga:
+        ids["saga_id"] = saga
+    trace = trace_id(message.traceparent)
+    if trace:
+        ids["trace_id"] = trace
+    return ids
 
 
 _NOTHING = contextlib.nullcontext()
