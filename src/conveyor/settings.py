@@ -44,6 +44,16 @@ class Settings(BaseSettings):
         ge=0,
         description="App.publish raises Overloaded while a topic's backlog is deeper",
     )
+    metrics_port: int | None = pydantic.Field(
+        default=None, ge=1, le=65535, description="`conveyor worker` serves /metrics here"
+    )
+    metrics_host: str = "127.0.0.1"
+    tracing: bool = pydantic.Field(
+        default=False, description="OpenTelemetry spans, exported as the OTEL_* variables say"
+    )
+    heartbeat_interval: float = pydantic.Field(
+        default=5.0, gt=0, description="seconds between a worker's heartbeats in the store"
+    )
     log_level: str = "INFO"
     log_format: str = pydantic.Field(
         default="text", description="text, or json: one JSON object per log record"

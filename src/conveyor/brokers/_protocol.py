@@ -66,11 +66,16 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
+    """Depth of one (topic, group) queue. ``oldest`` is when the oldest
+    message still in it was published (epoch seconds), where the broker can
+    tell (SQLite, PostgreSQL, memory); None otherwise or when it is empty."""
+
     topic: str
     group: str
     ready: int
     in_flight: int
     delayed: int
+    oldest: float | None = None
 
 
 class Broker(Protocol):

@@ -173,7 +173,10 @@ class MemoryBroker:
         for (topic, group), queue in sorted(self._state.queues.items()):
             in_flight = sum(1 for e in queue if e.lease is not None and e.visible_at > now)
             delayed = sum(1 for e in queue if e.lease is None and e.visible_at > now)
+            oldest = min((e.message.created_at for e in queue), default=None)
             out.append(
-                QueueStats(topic, group, len(queue) - in_flight - delayed, in_flight, delayed)
+                QueueStats(
+                    topic, group, len(queue) - in_flight - delayed, in_flight, delayed, oldest
+                )
             )
         return out

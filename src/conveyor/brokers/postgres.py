@@ -193,17 +193,23 @@ class PostgresBroker(PostgresBacked):
             SELECT topic, COALESCE(grp, ''),
                    COUNT(*) FILTER (WHERE visible_at <= $1),
                    COUNT(*) FILTER (WHERE visible_at > $1 AND lease IS NOT NULL),
-                   COUNT(*) FILTER (WHERE visible_at > $1 AND lease IS NULL)
+                   COUNT(*) FILTER (WHERE visible_at > $1 AND lease IS NULL),
+                   MIN(created_at)
             FROM conveyor_queue GROUP BY topic, grp
             UNION ALL
-            SELECT topic, grp, 0, 0, 0 FROM conveyor_subscriptions s
+            SELECT topic, grp, 0, 0, 0, NULL FROM conveyor_subscriptions s
             WHERE NOT EXISTS (SELECT 1 FROM conveyor_queue q
                               WHERE q.topic = s.topic AND q.grp = s.grp)
             ORDER BY 1, 2
             """,
             now,
         )
-        return [QueueStats(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]
+        return [
+            QueueStats(
+                r[0], r[1], int(r[2]), int(r[3]), int(r[4]), None if r[5] is None else float(r[5])
+            )
+            for r in rows
+        ]
 
     async def _insert(
         self, tx: PostgresTransaction, rows: list[tuple[object, ...]], topics: set[str]

@@ -163,17 +163,23 @@ class SqliteBroker(SqliteBacked):
             SELECT topic, COALESCE(grp, ''),
                    SUM(visible_at <= ?),
                    SUM(visible_at > ? AND lease IS NOT NULL),
-                   SUM(visible_at > ? AND lease IS NULL)
+                   SUM(visible_at > ? AND lease IS NULL),
+                   MIN(created_at)
             FROM conveyor_queue GROUP BY topic, grp
             UNION ALL
-            SELECT topic, grp, 0, 0, 0 FROM conveyor_subscriptions s
+            SELECT topic, grp, 0, 0, 0, NULL FROM conveyor_subscriptions s
             WHERE NOT EXISTS (SELECT 1 FROM conveyor_queue q
                               WHERE q.topic = s.topic AND q.grp = s.grp)
             ORDER BY 1, 2
             """,
             (now, now, now),
         )
-        return [QueueStats(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]
+        return [
+            QueueStats(
+                r[0], r[1], int(r[2]), int(r[3]), int(r[4]), None if r[5] is None else float(r[5])
+            )
+            for r in rows
+        ]
 
     def _write(self) -> AbstractAsyncContextManager[SqliteTransaction]:
         return self.db.transaction()

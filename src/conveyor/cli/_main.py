@@ -210,6 +210,22 @@ def worker(
     grace_period: Annotated[
         float | None, typer.Option(help="Seconds to finish in-flight work on SIGTERM.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="Serve /metrics, /healthz, /readyz here (CONVEYOR_METRICS_PORT)."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Interface for --metrics-port (default 127.0.0.1).")
+    ] = None,
+    tracing: Annotated[
+        bool | None,
+        typer.Option(
+            "--tracing/--no-tracing",
+            help="OpenTelemetry spans, exported as OTEL_* says (CONVEYOR_TRACING).",
+        ),
+    ] = None,
 ) -> None:
     """Run the handlers of MODULE:APP until SIGTERM/SIGINT (graceful shutdown)."""
     _setup_logging(log_level, log_format)
@@ -220,6 +236,9 @@ def worker(
         "grace_period": grace_period,
         "log_level": log_level,
         "log_format": log_format,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
+        "tracing": tracing,
     }
     if env_file is not None:
         # The file's settings under the environment's and the options'.
@@ -229,7 +248,116 @@ def worker(
         base.update({k: v for k, v in overrides.items() if v is not None})
         application.settings = load_settings(**base)
     _setup_logging(application.settings.log_level, application.settings.log_format)
-    _run(application.run)
+    _run(lambda: _observed(application))
+
+
+async def _observed(application: App) -> None:
+    """Run the app's worker with the metrics server and tracing its settings ask for."""
+    settings = application.settings
+    tracing = None
+    if settings.tracing:
+        from conveyor.observability.tracing import Tracing
+
+        tracing = Tracing(application)
+    try:
+        await _with_metrics(application)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+
+
+async def _with_metrics(application: App) -> None:
+    settings = application.settings
+    if settings.metrics_port is None:
+        await application.run()
+        return
+    from conveyor.observability.metrics import Metrics, serve
+
+    metrics = Metrics(application)
+    started = asyncio.Event()
+    server = asyncio.create_task(
+        serve(
+            application,
+            metrics,
+            port=settings.metrics_port,
+            host=settings.metrics_host,
+            ready_event=started,
+        )
+    )
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait({server, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if server.done():
+        server.result()  # the port could not be served: say why, do not start
+    try:
+        await application.run()
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+
+
+@app.command()
+def workers(
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also workers whose heartbeat went stale.")
+    ] = False,
+    as_json: JsonOpt = False,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """Live workers, from their heartbeats in the store: host, pid, handlers,
+    started, last seen, messages in hand and handled."""
+    from conveyor.runtime._heartbeat import WorkerInfo
+    from conveyor.runtime._heartbeat import workers as read_workers
+
+    settings = _settings(broker, store, env_file, log_level, log_format)
+    found: list[WorkerInfo] = []
+    if _missing_database(settings) is None:
+
+        async def go() -> list[WorkerInfo]:
+            async with App("cli", settings=settings) as application:
+                return await read_workers(application.store)
+
+        found = _run(go)
+    now = time.time()
+    shown = [w for w in found if show_all or w.live(now)]
+    if as_json:
+        for w in shown:
+            _print_json({**dataclasses.asdict(w), "live": w.live(now)})
+        return
+    if not shown:
+        console.print(styled("no live workers", "dim"))
+        return
+    table = Table(title=f"Workers ({len(shown)})")
+    for col in (
+        "id",
+        "app",
+        "host",
+        "pid",
+        "handlers",
+        "started",
+        "last seen",
+        "in flight",
+        "handled",
+    ):
+        table.add_column(col, justify="right" if col in ("pid", "in flight", "handled") else "left")
+    for w in shown:
+        seen = f"{now - w.last_seen:.0f}s ago" + ("" if w.live(now) else " (stale)")
+        table.add_row(
+            w.id,
+            w.app,
+            w.host,
+            str(w.pid),
+            ", ".join(f"{t}/{g}" for t, g in w.handlers),
+            when(w.started_at),
+            seen,
+            str(w.in_flight),
+            str(w.processed),
+        )
+    console.print(table)
 
 
 @app.command()

@@ -485,11 +485,17 @@ class Webhooks:
             "content-type": "application/json",
         }
         started = self.clock.monotonic()
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await self._post(endpoint.url, body, headers)
-        except TimeoutError:
-            result = _Result(RETRYING, error=f"no complete answer within {self.timeout:g}s")
+        observers = self.app.observers
+        call: dict[str, object] = {}
+        with observers.calling(
+            message, method="POST", url=endpoint.url, headers=headers, result=call
+        ):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    result = await self._post(endpoint.url, body, headers)
+            except TimeoutError:
+                result = _Result(RETRYING, error=f"no complete answer within {self.timeout:g}s")
+            call.update(status=result.status_code, outcome=result.outcome, error=result.error)
         duration = max(0.0, self.clock.monotonic() - started)
         return _Attempt(endpoint, result, now, duration)
 
@@ -502,6 +508,12 @@ class Webhooks:
             attempt.at,
             attempt.duration,
         )
+        observers = self.app.observers
+        if observers:
+            outcome = result.outcome
+            if outcome == RETRYING and task.attempt >= self.retry.max_attempts:
+                outcome = FAILED
+            ctx.on_commit(lambda: observers.webhook_attempted(outcome=outcome, seconds=duration))
         if endpoint is None:
             await self._record(ctx, task, result, now)
             return

@@ -13,7 +13,7 @@ from typing import Unpack
 from conveyor._time import Clock, SystemClock, seconds
 from conveyor.brokers._factory import broker_from_url
 from conveyor.brokers._protocol import Broker, DeadLetterSink, Delivery, TransactionalBroker
-from conveyor.errors import ConfigError
+from conveyor.errors import ConfigError, Overloaded
 from conveyor.messages import JSON, Codec, Message
 from conveyor.resilience import (
     LoadShedder,
@@ -24,6 +24,7 @@ from conveyor.runtime._context import (
     Publisher,
     PublishOptions,
     Session,
+    run_committed,
 )
 from conveyor.runtime._handlers import Handler, HandlerFunc, HandlerOptions
 from conveyor.runtime._observe import DeadLettered, Observer, Observers
@@ -261,7 +262,12 @@ class App:
                 )
 
             self._shedder = LoadShedder(threshold, depth, clock=self.clock)
-        await self._shedder.check(topic)
+        try:
+            await self._shedder.check(topic)
+        except Overloaded:
+            if self.observers:
+                self.observers.shed(topic)
+            raise
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
@@ -285,6 +291,7 @@ class App:
             self.observers.published(sent, via="outbox", seconds=time.perf_counter() - started)
         if session.dead_letters:
             await self.dead_lettered(session.dead_letters)
+        run_committed(session.committed)
 
     async def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
         """After the commit of dead letters (``Session.dead_letter``): copy

@@ -96,11 +96,12 @@ class Outbound:
             headers.update(cause.causal_headers())
         elif TRACEPARENT not in headers:
             headers[TRACEPARENT] = child_traceparent(ambient_traceparent.get())
-        if self.observers:
-            self.observers.outgoing(topic, headers)
         merged = PublishOptions(**options)
         merged["headers"] = headers
-        return Message.create(topic, body, codec=self.codec, max_payload=self.max_payload, **merged)
+        message = Message.create(
+            topic, body, codec=self.codec, max_payload=self.max_payload, **merged
+        )
+        return self.observers.outgoing(message) if self.observers else message
 
 
 class Session:
@@ -110,7 +111,7 @@ class Session:
     or not at all.
     """
 
-    __slots__ = ("_outbound", "_publisher", "_store", "dead_letters", "tx")
+    __slots__ = ("_outbound", "_publisher", "_store", "committed", "dead_letters", "tx")
 
     def __init__(
         self, tx: Transaction, publisher: Publisher, outbound: Outbound, store: Store
@@ -121,6 +122,14 @@ class Session:
         self._store = store
         self.dead_letters: list[DeadLettered] = []
         """The dead letters written through ``dead_letter`` in this transaction."""
+        self.committed: list[Callable[[], None]] = []
+        """Callbacks to run once this transaction has committed (``on_commit``)."""
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` once this transaction has committed, and never
+        if it rolls back (in a handler: if its own savepoint rolls back).
+        For counting what happened; it must be quick and must not raise."""
+        self.committed.append(callback)
 
     def _default_message(self) -> Message:
         raise ConfigError("Session.dead_letter needs message=")
@@ -271,3 +280,14 @@ class Context(Session):
 
 Middleware = Callable[[Context, Callable[[], Awaitable[None]]], Awaitable[None]]
 """An around-hook: ``async def mw(ctx, call_next): ...; await call_next(); ...``."""
+
+
+def run_committed(callbacks: Sequence[Callable[[], None]]) -> None:
+    """Run ``Session.on_commit`` callbacks; one that raises is logged."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            _log.exception(
+                "an on_commit callback failed", extra={"event": "conveyor.on_commit_failed"}
+            )

@@ -3,9 +3,10 @@ message's life, called by the runtime from one place per event.
 
 An ``Observer`` overrides the hooks it needs; the others do nothing:
 
-- ``outgoing(topic, headers)``: a message is being built for ``topic``
-  (``App.publish``, ``Session.publish``, a handler's ``ctx.publish``, a saga
-  command); the observer may add headers (a tracer injects ``traceparent``).
+- ``outgoing(message)``: a message was built (``App.publish``,
+  ``Session.publish``, a handler's ``ctx.publish``, a saga command, a
+  webhook attempt); the observer may return headers to add or replace (a
+  tracer's ``traceparent``: the span that sent it).
 - ``published(messages, via, seconds, error)``: messages left: ``via`` is
   ``"publish"`` (``App.publish``, straight to the broker), ``"outbox"`` (a
   transaction that wrote them committed) or ``"relay"`` (the outbox relay
@@ -19,6 +20,11 @@ An ``Observer`` overrides the hooks it needs; the others do nothing:
   ``rolled_back``) and the dead letters the batch wrote.
 - ``dead_lettered(dead)``: dead letters committed, by a worker, a saga, a
   webhook giving up, or any ``Session.dead_letter``.
+- ``waited(topic, group, reason, seconds)``: a consumer waited for rate
+  limit permits, or paused while a circuit breaker was open.
+- ``shed(topic)``: ``App.publish`` refused a message (``Overloaded``).
+- ``saga_changed``, ``job_accepted``, ``job_finished``, ``webhook_attempted``,
+  ``http_request``: what sagas, the HTTP job API and webhooks did.
 
 Hooks are called synchronously on the event loop and must be quick; an
 exception in one is logged and never changes the outcome.
@@ -28,14 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from conveyor.messages import Message
 
 if TYPE_CHECKING:
     from conveyor.runtime._context import Context
+    from conveyor.sagas._history import SagaEvent, SagaRecord
 
 __all__ = [
     "APPLIED",
@@ -94,8 +101,25 @@ class Settlement:
 class Observer:
     """Override the hooks you need; see the module doc."""
 
-    def outgoing(self, topic: str, headers: dict[str, str]) -> None:
-        """Add headers to a message being built for ``topic``."""
+    def outgoing(self, message: Message) -> Mapping[str, str] | None:
+        """Headers to add to (or replace in) a message just built, or None."""
+        return None
+
+    @contextlib.contextmanager
+    def calling(
+        self,
+        cause: Message,
+        *,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        result: dict[str, object],
+    ) -> Iterator[None]:
+        """Around an HTTP call made on behalf of ``cause`` (a webhook
+        attempt); the observer may add to ``headers`` (a ``traceparent``).
+        The caller puts ``status`` (the HTTP status, or None) and ``outcome``
+        into ``result`` before the block ends."""
+        yield
 
     def published(
         self, messages: Sequence[Message], *, via: str, seconds: float, error: BaseException | None
@@ -116,6 +140,35 @@ class Observer:
     def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
         """Dead letters whose transaction committed (a worker's, a saga's...)."""
 
+    def waited(self, topic: str, group: str, *, reason: str, seconds: float) -> None:
+        """A consumer waited, holding no lock: ``rate_limit`` (for permits)
+        or ``breaker`` (paused while a breaker of its was open)."""
+
+    def shed(self, topic: str) -> None:
+        """``App.publish`` refused a message with ``Overloaded``."""
+
+    def beat(self, at: float) -> None:
+        """This worker recorded its heartbeat at ``at``."""
+
+    def saga_changed(
+        self, record: SagaRecord, events: Sequence[SagaEvent], *, since: float
+    ) -> None:
+        """A saga's change committed: its record now and the events of the
+        change; ``since`` is when it last changed before (a step's send)."""
+
+    def job_accepted(self, kind: str) -> None:
+        """The HTTP job API accepted a job of ``kind``."""
+
+    def job_finished(self, kind: str, *, status: str, seconds: float) -> None:
+        """A job ended (``SUCCEEDED``, ``FAILED``, ``CANCELLED``) ``seconds``
+        after it was accepted."""
+
+    def webhook_attempted(self, *, outcome: str, seconds: float) -> None:
+        """One webhook delivery attempt ended with ``outcome``."""
+
+    def http_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        """The HTTP job API answered one request."""
+
 
 class Observers:
     """The app's observers, called in order; a failing hook is logged."""
@@ -128,12 +181,38 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def outgoing(self, topic: str, headers: dict[str, str]) -> None:
+    def outgoing(self, message: Message) -> Message:
+        extra: dict[str, str] = {}
         for observer in self.items:
             try:
-                observer.outgoing(topic, headers)
+                extra.update(observer.outgoing(message) or {})
             except Exception:
                 _failed(observer, "outgoing")
+        if not extra:
+            return message
+        return replace(message, headers={**message.headers, **extra})
+
+    @contextlib.contextmanager
+    def calling(
+        self,
+        cause: Message,
+        *,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        result: dict[str, object],
+    ) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for observer in self.items:
+                try:
+                    stack.enter_context(
+                        observer.calling(
+                            cause, method=method, url=url, headers=headers, result=result
+                        )
+                    )
+                except Exception:
+                    _failed(observer, "calling")
+            yield
 
     def published(
         self,
@@ -179,6 +258,64 @@ class Observers:
                 observer.dead_lettered(dead)
             except Exception:
                 _failed(observer, "dead_lettered")
+
+    def waited(self, topic: str, group: str, *, reason: str, seconds: float) -> None:
+        for observer in self.items:
+            try:
+                observer.waited(topic, group, reason=reason, seconds=seconds)
+            except Exception:
+                _failed(observer, "waited")
+
+    def shed(self, topic: str) -> None:
+        for observer in self.items:
+            try:
+                observer.shed(topic)
+            except Exception:
+                _failed(observer, "shed")
+
+    def beat(self, at: float) -> None:
+        for observer in self.items:
+            try:
+                observer.beat(at)
+            except Exception:
+                _failed(observer, "beat")
+
+    def saga_changed(
+        self, record: SagaRecord, events: Sequence[SagaEvent], *, since: float
+    ) -> None:
+        for observer in self.items:
+            try:
+                observer.saga_changed(record, events, since=since)
+            except Exception:
+                _failed(observer, "saga_changed")
+
+    def job_accepted(self, kind: str) -> None:
+        for observer in self.items:
+            try:
+                observer.job_accepted(kind)
+            except Exception:
+                _failed(observer, "job_accepted")
+
+    def job_finished(self, kind: str, *, status: str, seconds: float) -> None:
+        for observer in self.items:
+            try:
+                observer.job_finished(kind, status=status, seconds=seconds)
+            except Exception:
+                _failed(observer, "job_finished")
+
+    def webhook_attempted(self, *, outcome: str, seconds: float) -> None:
+        for observer in self.items:
+            try:
+                observer.webhook_attempted(outcome=outcome, seconds=seconds)
+            except Exception:
+                _failed(observer, "webhook_attempted")
+
+    def http_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        for observer in self.items:
+            try:
+                observer.http_request(route=route, method=method, status=status, seconds=seconds)
+            except Exception:
+                _failed(observer, "http_request")
 
 
 def _failed(observer: Observer, hook: str) -> None:

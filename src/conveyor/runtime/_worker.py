@@ -30,7 +30,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from conveyor._time import seconds
@@ -42,10 +42,17 @@ from conveyor.brokers._protocol import (
     TransactionalBroker,
 )
 from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
-from conveyor.messages import Message, trace_id
+from conveyor.messages import Message, trace_id, uuid7
 from conveyor.resilience._breaker import admit
-from conveyor.runtime._context import Context, Publisher, ambient_traceparent, log_fields
+from conveyor.runtime._context import (
+    Context,
+    Publisher,
+    ambient_traceparent,
+    log_fields,
+    run_committed,
+)
 from conveyor.runtime._handlers import Handler
+from conveyor.runtime._heartbeat import WorkerInfo, beat, forget
 from conveyor.runtime._observe import (
     APPLIED,
     DEAD_LETTER,
@@ -59,6 +66,7 @@ from conveyor.store._protocol import Store, Transaction
 
 if TYPE_CHECKING:
     from conveyor.runtime._app import App
+
 
 __all__ = ["Worker"]
 
@@ -80,6 +88,8 @@ class _Outcome:
     """What the handler sent, written with the batch (empty unless applied)."""
     dead_letters: list[DeadLettered] = field(default_factory=list)
     """Every dead letter its handler call wrote, its own included."""
+    committed: list[Callable[[], None]] = field(default_factory=list)
+    """Its handler's ``on_commit`` callbacks (empty unless applied)."""
 
     @property
     def retry(self) -> bool:
@@ -200,6 +210,9 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self.processed = 0
+        self.in_flight = 0
+        self.id = uuid7()
+        """This worker's id in the heartbeat table."""
 
     @property
     def stopping(self) -> bool:
@@ -226,6 +239,7 @@ class Worker:
         if binding is None:
             self._tasks.append(asyncio.create_task(self._relay()))
         self._tasks.append(asyncio.create_task(self._prune()))
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
         for interval, periodic in app.periodic:
             self._tasks.append(asyncio.create_task(self._every(interval, periodic)))
         log.info(
@@ -252,6 +266,8 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await forget(store, self.id)
         log.info("worker stopped", extra={"event": "conveyor.worker_stopped"})
 
     async def _expire_grace(self) -> None:
@@ -283,7 +299,16 @@ class Worker:
         while not self.stopping:
             # Paused, outside _busy so stop() cancels the wait, while a breaker
             # is open: the messages stay in the broker and keep their attempts.
-            size = await admit(handler.breakers, prefetch) if handler.breakers else prefetch
+            if handler.breakers:
+                started = time.perf_counter()
+                size = await admit(handler.breakers, prefetch)
+                paused = time.perf_counter() - started
+                if self.app.observers and paused > 0.001:
+                    self.app.observers.waited(
+                        handler.topic, handler.group, reason="breaker", seconds=paused
+                    )
+            else:
+                size = prefetch
             self._busy.add(task)
             try:
                 if binding is not None:
@@ -410,6 +435,7 @@ class Worker:
         acknowledgements the broker takes after the commit; then the
         observers. A batch that rolls back is handed back at once."""
         store = self.app.store
+        self.in_flight += len(deliveries)
         try:
             async with store.transaction() as tx:
                 outcomes = await self._handle_all(
@@ -419,8 +445,10 @@ class Worker:
         except BaseException:
             # Rolled back (the grace period ran out, or the commit failed).
             # The attempt stays counted. Best effort: a dead worker cannot.
+            self.in_flight -= len(deliveries)
             await self._hand_back(handler, port, deliveries)
             raise
+        self.in_flight -= len(deliveries)
         dead = [d for o in outcomes for d in o.dead_letters]
         if dead:
             await self.app.dead_lettered(dead)
@@ -428,6 +456,7 @@ class Worker:
             await port.settle_after(deliveries, outcomes)
         finally:
             self.processed += len(deliveries)
+            run_committed([c for o in outcomes for c in o.committed])
             observers = self.app.observers
             if observers:
                 sent = [m for o in outcomes for m in o.published]
@@ -472,8 +501,16 @@ class Worker:
         by receipt."""
         limiter, key_of = handler.rate_limit, handler.rate_limit_key
         if limiter is not None:
+            started = time.perf_counter()
             for delivery in deliveries:
                 await limiter.acquire(key=None if key_of is None else key_of(delivery.message))
+            if self.app.observers:
+                self.app.observers.waited(
+                    handler.topic,
+                    handler.group,
+                    reason="rate_limit",
+                    seconds=time.perf_counter() - started,
+                )
         prepare = handler.prepare
         if prepare is None:
             return {}
@@ -630,6 +667,7 @@ class Worker:
                 finished=time.time(),
                 published=sent,
                 dead_letters=ctx.dead_letters,
+                committed=ctx.committed,
             )
         except Skip:
             return _Outcome(APPLIED, started=started, finished=time.time())
@@ -753,6 +791,36 @@ class Worker:
                     extra={"event": "conveyor.periodic_failed"},
                 )
             await app.clock.sleep(interval)
+
+    async def _heartbeat(self) -> None:
+        """Record this worker in the store now and every ``heartbeat_interval``."""
+        app = self.app
+        every = app.settings.heartbeat_interval
+        info = WorkerInfo.of_this_process(
+            id=self.id,
+            app=app.name,
+            handlers=[(h.topic, h.group) for h in app.handlers],
+            started_at=time.time(),
+        )
+        while True:
+            info = replace(
+                info,
+                last_seen=time.time(),
+                beat_every=every,
+                in_flight=self.in_flight,
+                processed=self.processed,
+            )
+            try:
+                await beat(app.store, info)
+                if app.observers:
+                    app.observers.beat(info.last_seen)
+            except Exception as exc:
+                log.warning(
+                    "heartbeat not recorded: %r",
+                    exc,
+                    extra={"event": "conveyor.heartbeat_failed"},
+                )
+            await asyncio.sleep(every)
 
     async def _prune(self) -> None:
         app = self.app

@@ -96,6 +96,8 @@ class _Turn:
         outbound: Outbound,
     ) -> None:
         self.outbound = outbound
+        self.since = record.updated_at
+        """When the saga last changed before this turn (a step's send)."""
         self.saga = saga
         self.record = record
         self.now = now
@@ -235,6 +237,10 @@ class Sagas:
         listener = self._listeners.get(turn.saga.name)
         if listener is not None and turn.events:
             await listener(session, turn.record, turn.events)
+        observers = self.app.observers
+        if observers and turn.events:
+            record, events, since = turn.record, tuple(turn.events), turn.since
+            session.on_commit(lambda: observers.saga_changed(record, events, since=since))
 
     async def get(self, saga_id: str) -> SagaRecord | None:
         async with self.app.store.transaction() as tx:
