@@ -551,6 +551,9 @@ async def serve(
 
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     try:
+        # What uvicorn's own serve() does first, without its signal handlers.
+        config.load()
+        server.lifespan = config.lifespan_class(config)
         await server.startup(sockets=[sock])
         if ready_event is not None:
             ready_event.set()

@@ -673,7 +673,9 @@ class Worker:
             return _Outcome(APPLIED, started=started, finished=time.time())
         except DeadLetter as signal:
             ctx.dead_letters.clear()  # the savepoint's writes, dead letters included, are gone
-            return await dead(signal.reason, "DeadLetter")
+            outcome = await dead(signal.reason, "DeadLetter")
+            outcome.started, outcome.finished = started, time.time()
+            return outcome
         except Retry as signal:
             ctx.dead_letters.clear()
             if message.attempt < policy.max_attempts:
@@ -690,9 +692,11 @@ class Worker:
                     started=started,
                     finished=time.time(),
                 )
-            return await dead(
+            outcome = await dead(
                 f"retry requested after the last attempt ({message.attempt})", "Retry"
             )
+            outcome.started, outcome.finished = started, time.time()
+            return outcome
         except Exception as exc:
             ctx.dead_letters.clear()
             error_type = _qualname(type(exc))

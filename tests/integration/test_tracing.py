@@ -1,0 +1,117 @@
+"""OpenTelemetry spans of a running app, in one process (the cross-process
+trace through the order system is in tests/e2e/test_observability.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from conveyor import App, Context, Retry
+from conveyor.observability import ContextFilter
+from conveyor.observability.tracing import Tracing
+from conveyor.testing import drained
+from tests.helpers import PATHS, settings_for
+
+
+def traced(app: App) -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    Tracing(app, tracer_provider=provider)
+    return exporter
+
+
+def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_message_and_what_its_handler_sends_are_one_trace(
+    path: str, tmp_path: Path
+) -> None:
+    """send a -> process a -> send b -> process b, each the parent of the
+    next, in one trace; on the generic path the relay's publish span links
+    to the send span of what it relayed and is in no request's trace; the
+    retried attempt is a span of its own with its outcome."""
+    app = App("traced", settings=settings_for(path, tmp_path))
+    exporter = traced(app)
+
+    @app.handler("a", group="ga")
+    async def a(ctx: Context, body: dict[str, int]) -> None:
+        if ctx.attempt == 1:
+            raise Retry(delay=0)
+        await ctx.publish("b", {})
+
+    @app.handler("b", group="gb")
+    async def b(ctx: Context) -> None:
+        pass
+
+    async with app:
+        await app.publish("a", {"n": 1})
+        await drained(app)
+    spans = exporter.get_finished_spans()
+    [send_a], [send_b], [process_b] = (
+        named(spans, "send a"),
+        named(spans, "send b"),
+        named(spans, "process b"),
+    )
+    tries = sorted(named(spans, "process a"), key=lambda s: s.attributes["conveyor.attempt"])
+    assert [t.attributes["conveyor.outcome"] for t in tries] == ["retry", "applied"]
+    trace = send_a.context.trace_id
+    assert {s.context.trace_id for s in (*tries, send_b, process_b)} == {trace}
+    assert all(t.parent.span_id == send_a.context.span_id for t in tries)
+    assert send_b.parent.span_id == tries[1].context.span_id
+    assert process_b.parent.span_id == send_b.context.span_id
+    assert send_a.kind is SpanKind.PRODUCER
+    assert process_b.kind is SpanKind.CONSUMER
+    attrs = process_b.attributes
+    assert attrs["messaging.destination.name"] == "b"
+    assert attrs["messaging.consumer.group.name"] == "gb"
+    assert attrs["messaging.operation.type"] == "process"
+    relays = named(spans, "publish")
+    if path == "bound":
+        assert relays == []
+    else:
+        linked = {link.context.span_id for r in relays for link in r.links}
+        assert send_b.context.span_id in linked
+        assert all(r.context.trace_id != trace for r in relays)
+
+
+async def test_a_record_written_in_a_handler_carries_its_span(tmp_path: Path) -> None:
+    """A log record a handler writes carries the trace and span id of the
+    handler's own span."""
+    app = App("logged", settings=settings_for("bound", tmp_path))
+    exporter = traced(app)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    keep.addFilter(ContextFilter())
+    logger = logging.getLogger("conveyor.handler")
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+
+        @app.handler("a", group="ga")
+        async def a(ctx: Context) -> None:
+            ctx.log.info("inside")
+
+        async with app:
+            await app.publish("a", {})
+            await drained(app)
+    finally:
+        logger.removeHandler(keep)
+    [process] = named(exporter.get_finished_spans(), "process a")
+    [record] = [r for r in records if r.getMessage() == "inside"]
+    assert record.trace_id == f"{process.context.trace_id:032x}"
+    assert record.span_id == f"{process.context.span_id:016x}"
+    assert record.group == "ga"
