@@ -13,10 +13,8 @@ configuration resolve against ``DIR``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,44 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.debian import debian_binary
+
 __all__ = ["Nginx", "free_port", "nginx_binary", "round_robin_config"]
-
-_INSTALL_LOCK = Path("/tmp/conveyor-nginx-install.lock")
-
-
-def _installed() -> str | None:
-    found = shutil.which("nginx")
-    if found:
-        return found
-    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
 
 
 def nginx_binary() -> str:
     """The path of the nginx binary; installs the Debian package ``nginx``
-    when it is missing. Fails, with apt-get's output, when that is impossible."""
-    found = _installed()
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "nginx"]
-    # Two test processes installing at once would trip over dpkg's lock.
-    with _INSTALL_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        found = _installed()
-        if found:
-            return found
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            # The package lists may be missing or stale: refresh once, then retry.
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
-            done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    found = _installed()
-    if found is None:
-        raise RuntimeError(
-            f"nginx is not installed and `{' '.join(install)}` failed "
-            f"(exit {done.returncode}): {done.stderr.strip()[-2000:]}"
-        )
-    return found
+    when it is missing."""
+    return debian_binary("nginx", "nginx")
 
 
 def free_port() -> int:
