@@ -6,13 +6,14 @@ import asyncio
 from pathlib import Path
 
 from conveyor import App, Context, Message, Settings
-from conveyor.messages import CORRELATION_ID, TRACEPARENT
+from conveyor.messages import CORRELATION_ID, TRACEPARENT, trace_id
 from conveyor.testing import eventually
 
 
 async def test_published_messages_carry_correlation_causation_and_trace(tmp_path: Path) -> None:
-    """A message sent from a handler keeps the correlation id and traceparent of the
-    one it handles, names it as its cause, and keeps the handler's own headers."""
+    """A message sent from a handler keeps the correlation id and the trace of the
+    one it handles (a child traceparent: same trace, a span of its own), names it
+    as its cause, and keeps the handler's own headers."""
     app = App("ctx", settings=Settings(broker_url=f"sqlite:///{tmp_path / 'c.db'}"))
     received: list[Message] = []
 
@@ -37,7 +38,9 @@ async def test_published_messages_carry_correlation_causation_and_trace(tmp_path
     (message,) = received
     assert message.correlation_id == "order-42"
     assert message.causation_id == origin.id
-    assert message.traceparent == trace
+    assert message.traceparent is not None
+    assert message.traceparent != trace
+    assert trace_id(message.traceparent) == trace_id(trace)
     assert message.headers["x-extra"] == "1"
     assert message.key == "k"
     assert message.id != origin.id
