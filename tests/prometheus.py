@@ -1,6 +1,6 @@
 """A real Prometheus server for the tests: Debian's package (installed when
 missing), run from a directory of the test's own on a free port of
-127.0.0.1, scraping the targets it is given every half second."""
+127.0.0.1, scraping the targets it is given every half second (each scrape may take as long)."""
 
 from __future__ import annotations
 
@@ -37,25 +37,15 @@ class Prometheus:
         binary = debian_binary("prometheus", "prometheus")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
-            "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms"},
+            "global": {"scrape_interval": "500ms", "scrape_timeout": "500ms"},
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": targets}]}
                 for job, targets in self.jobs.items()
             ],
         }
         (self.workdir / "prometheus.yml").write_text(json.dumps(config))
-        log = (self.workdir / "prometheus.log").open("wb")
-        self._process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={self.workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--storage.tsdb.retention.time=1h",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.workdir / "prometheus.log").open("wb") as log:
+            self._process = self._start(binary, log)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -70,6 +60,19 @@ class Prometheus:
                     + (self.workdir / "prometheus.log").read_text()[-2000:]
                 )
             time.sleep(0.1)
+
+    def _start(self, binary: str, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                binary,
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def __exit__(
         self,

@@ -18,9 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conveyor import App, Settings
 from tests.namespaces import drop_all
 from tests.otlp_receiver import Receiver as SpanReceiver
 from tests.otlp_receiver import Span
+from tests.prometheus import Prometheus
 from tests.servers import REDIS_URL, namespaced
 from tests.webhook_receiver import Receiver as WebhookReceiver
 
@@ -97,17 +99,7 @@ async def test_one_order_is_one_trace_across_the_processes(tmp_path: Path) -> No
             ]
             specs = [
                 (
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "--factory",
-                        "conveyor.examples.orders.run:front",
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                    ],
+                    _front_argv(port),
                     {**common, "OTEL_SERVICE_NAME": "front", "ORDERS_SERVICES": ""},
                 ),
                 (
@@ -163,13 +155,42 @@ def _root_of(span: Span, by_id: dict[str, Span]) -> Span:
     return span
 
 
+def _front_argv(port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "conveyor.examples.orders.run:front",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+
+
+async def _until_healthy(http: httpx.AsyncClient) -> None:
+    for _ in range(200):  # the front starts within 20 s
+        with contextlib.suppress(httpx.TransportError):
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the front did not start")
+
+
+async def _until_state(http: httpx.AsyncClient, order_id: str, state: str) -> None:
+    seen = None
+    for _ in range(600):  # at most 60 s
+        seen = (await http.get(f"/orders/{order_id}")).json()["state"]
+        if seen == state:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"order {order_id} is {seen}, not {state}")
+
+
 async def _place_and_follow(url: str, hooks: WebhookReceiver) -> str:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        for _ in range(200):  # the front starts within 20 s
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get("/healthz")).status_code == 200:
-                    break
-            await asyncio.sleep(0.1)
+        await _until_healthy(http)
         registered = await http.post("/webhooks", json={"url": hooks.url()})
         assert registered.status_code == 201, registered.text
         placed = await http.post(
@@ -177,9 +198,86 @@ async def _place_and_follow(url: str, hooks: WebhookReceiver) -> str:
         )
         assert placed.status_code == 202, placed.text
         order_id = str(placed.json()["id"])
-        for _ in range(600):  # at most 60 s
-            state = (await http.get(f"/orders/{order_id}")).json()["state"]
-            if state == "DELIVERED" and len(hooks.received) >= 4:
+        await _until_state(http, order_id, "DELIVERED")
+        for _ in range(300):  # the webhooks follow the state within 30 s
+            if len(hooks.received) >= 4:
                 return order_id
             await asyncio.sleep(0.1)
-    raise AssertionError(f"order {order_id} is {state} with {len(hooks.received)} webhooks")
+    raise AssertionError(f"order {order_id} was delivered with {len(hooks.received)} webhooks")
+
+
+async def test_prometheus_sees_the_order_system_work(tmp_path: Path) -> None:
+    """A real Prometheus scrapes two worker processes (``--metrics-port``):
+    the orders placed through the front show as applied messages and
+    completed sagas, the queues drain to zero, and a malformed command
+    written to a queue shows as one dead letter and a dead queue entry."""
+    broker = namespaced(REDIS_URL, prefix="prom")
+    store = f"sqlite:///{tmp_path / 'orders.db'}"
+    port, metrics = _free_port(), [_free_port(), _free_port()]
+    common = {
+        "CONVEYOR_BROKER_URL": broker,
+        "CONVEYOR_STORE_URL": store,
+        "CONVEYOR_IDLE_POLL": "0.05",
+    }
+    worker = [sys.executable, "-m", "conveyor", "worker", "conveyor.examples.orders.run:app"]
+    specs = [
+        (_front_argv(port), {**common, "ORDERS_SERVICES": ""}),
+        (
+            [*worker, "--metrics-port", str(metrics[0])],
+            {**common, "ORDERS_SERVICES": "orders,inventory"},
+        ),
+        (
+            [*worker, "--metrics-port", str(metrics[1])],
+            {**common, "ORDERS_SERVICES": "payment,shipping"},
+        ),
+    ]
+    orders = 5
+    try:
+        with (
+            processes(specs, tmp_path),
+            Prometheus(
+                tmp_path / "prometheus", {"workers": [f"127.0.0.1:{p}" for p in metrics]}
+            ) as prom,
+        ):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                await _until_healthy(http)
+                ids = []
+                for i in range(orders):
+                    placed = await http.post("/orders", json={"sku": "mug", "qty": 1 + i % 2})
+                    assert placed.status_code == 202, placed.text
+                    ids.append(placed.json()["id"])
+                for order_id in ids:
+                    await _until_state(http, order_id, "DELIVERED")
+            producer = App("garbage", settings=Settings(broker_url=broker, store_url=store))
+            async with producer:
+                await producer.publish("inventory.reserve", {"not": "an order"})
+            await _until(
+                prom,
+                'sum(conveyor_dead_letters_total{group="inventory"})',
+                1.0,
+            )
+            await _until(prom, 'max(conveyor_sagas{saga="order",state="COMPLETED"})', orders)
+            await _until(prom, 'max(conveyor_queue_messages{group="inventory",state="dead"})', 1.0)
+            await _until(
+                prom, 'sum(max by (topic, group) (conveyor_queue_messages{state="ready"}))', 0.0
+            )
+            await _until(prom, "count(up == 1)", 2.0)
+            applied = prom.value(
+                'sum(conveyor_messages_processed_total{topic="shipping.deliver",outcome="applied"})'
+            )
+            assert applied == orders
+            assert prom.value('sum(conveyor_consumers{topic="payment.charge"})') is not None
+    finally:
+        await drop_all([broker])
+
+
+async def _until(prom: Prometheus, expr: str, expected: float) -> None:
+    """Poll Prometheus (it scrapes every 0.5 s) until ``expr`` is ``expected``;
+    at most 60 s."""
+    seen: float | None = None
+    for _ in range(600):
+        seen = prom.value(expr)
+        if seen == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{expr} is {seen}, expected {expected}")
