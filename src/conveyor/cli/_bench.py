@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -177,6 +178,7 @@ def _child(
 
     if mode == "idle":
         return asyncio.run(_idle(app))
+    shutdown = _observe(app, os.environ.get(OBSERVE_ENV, ""))
 
     if mode == "uow":
 
@@ -209,6 +211,7 @@ def _child(
         elapsed = time.perf_counter() - start
         worker.stop()
         await task
+        shutdown()
         out = {
             "rate": n / elapsed,
             # from the first message handled to the last: leaves out start-up
@@ -224,6 +227,25 @@ def _child(
         return out
 
     return asyncio.run(main())
+
+
+OBSERVE_ENV = "CONVEYOR_BENCH_OBSERVE"
+
+
+def _observe(app: App, how: str) -> Callable[[], None]:
+    """Install what ``how`` names on ``app`` (``""``: nothing, ``metrics``,
+    ``tracing``: metrics and spans, every one sampled and exported as the
+    ``OTEL_*`` variables say); returns what flushes and stops it."""
+    if not how:
+        return lambda: None
+    from conveyor.observability.metrics import Metrics
+
+    Metrics(app)
+    if how == "metrics":
+        return lambda: None
+    from conveyor.observability.tracing import Tracing
+
+    return Tracing(app).shutdown
 
 
 SPARSE_RATE = 20.0
@@ -260,13 +282,17 @@ def _spawn(
     *,
     store_url: str | None = None,
     table: str = "business",
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
+    """Start the worker child; ``env`` is added to this process's environment
+    (a ``PYTHONPATH`` there runs another build of Conveyor)."""
     ready = os.path.join(workdir, f"ready-{mode}-{uuid.uuid4().hex}")
     argv = [mode, url, str(n), ready, table, *([store_url] if store_url else [])]
     proc = subprocess.Popen(
         [sys.executable, "-m", "conveyor.cli._bench", *argv],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env} if env else None,
     )
     return proc, ready
 
@@ -295,6 +321,7 @@ def _consume(
     store_url: str | None = None,
     table: str = "business",
     timeout: float = 900,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Fill ``bench.in`` with ``n`` messages, then drain it with a worker in a
     child process (``mode``: ``noop`` or ``uow``); the worker's figures plus
@@ -302,7 +329,7 @@ def _consume(
     published = asyncio.run(
         asyncio.wait_for(_publish(url, n, batch=500, store_url=store_url), timeout)
     )
-    proc, _ = _spawn(mode, url, n, workdir, store_url=store_url, table=table)
+    proc, _ = _spawn(mode, url, n, workdir, store_url=store_url, table=table, env=env)
     return {**_result(proc, timeout), "publish_rate": published}
 
 

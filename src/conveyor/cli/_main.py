@@ -1059,3 +1059,42 @@ def bench_brokers(
         )
     except ValueError as exc:
         _fail(str(exc))
+
+
+@bench_app.command("observability")
+def bench_observability(
+    messages: Annotated[int, typer.Option(min=1000, help="Messages per measurement.")] = 20_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds; each figure is a median.")] = 3,
+    baseline_src: Annotated[
+        Path | None,
+        typer.Option(
+            help="The src directory of another build (e.g. before the observer seam) "
+            "to measure 'off' against; benchmarks/observability.py makes one.",
+        ),
+    ] = None,
+    output: OutputOpt = None,
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """What metrics and tracing cost: the no-op consume and the unit of work
+    with observability off, metrics on, and metrics + tracing, in one run.
+
+    Needs the prometheus and otel extras (pip install 'conveyor[prometheus,otel]')."""
+    _setup_logging(log_level or "WARNING", log_format)
+    for module, extra in (("prometheus_client", "prometheus"), ("opentelemetry.sdk", "otel")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            _fail(
+                f"`conveyor bench observability` needs the {extra} extra: "
+                "pip install 'conveyor[prometheus,otel]'"
+            )
+    if baseline_src is not None and not (baseline_src / "conveyor").is_dir():
+        _fail(f"--baseline-src {baseline_src} holds no conveyor package")
+    from conveyor.cli._bench_observability import run_observability_bench
+
+    results = run_observability_bench(
+        console, messages=messages, rounds=rounds, baseline_src=baseline_src
+    )
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2))

@@ -62,6 +62,7 @@ class App:
         self._settings = settings or load_settings()
         self.clock: Clock = clock or SystemClock()
         self.codec = codec
+        self._outbound: Outbound | None = None
         self.middleware: list[Middleware] = list(middleware)
         self.observers = Observers(observers)
         self.handlers: list[Handler] = []
@@ -96,7 +97,14 @@ class App:
     def outbound(self) -> Outbound:
         """How this app builds the messages it sends (codec, payload limit,
         causal and trace headers, what the observers add)."""
-        return Outbound(self.codec, self.settings.max_payload, self.observers)
+        built = self._outbound
+        if (
+            built is None
+            or built.codec is not self.codec
+            or built.max_payload != self.settings.max_payload
+        ):
+            built = self._outbound = Outbound(self.codec, self.settings.max_payload, self.observers)
+        return built
 
     @property
     def broker(self) -> Broker:

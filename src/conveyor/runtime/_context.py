@@ -55,6 +55,32 @@ log_fields: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVa
 correlation id, group, saga, job...): set by the worker around a handler."""
 
 
+class LazyFields(Mapping[str, object]):
+    """Log fields computed when a record first reads them: the worker sets
+    one per message, and most messages log nothing."""
+
+    __slots__ = ("_args", "_fields", "_make")
+
+    def __init__(self, make: Callable[..., Mapping[str, object]], *args: object) -> None:
+        self._make = make
+        self._args = args
+        self._fields: Mapping[str, object] | None = None
+
+    def _get(self) -> Mapping[str, object]:
+        if self._fields is None:
+            self._fields = self._make(*self._args)
+        return self._fields
+
+    def __getitem__(self, key: str) -> object:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 @contextlib.contextmanager
 def logged_with(**fields: object) -> Iterator[None]:
     """Add ``fields`` to every log record written in the block (see
@@ -77,7 +103,7 @@ class Outbound:
     def __init__(self, codec: Codec, max_payload: int, observers: Observers | None = None) -> None:
         self.codec = codec
         self.max_payload = max_payload
-        self.observers = observers or Observers()
+        self.observers = observers if observers is not None else Observers()
 
     def build(
         self,

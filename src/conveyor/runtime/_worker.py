@@ -30,7 +30,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from conveyor._time import seconds
@@ -46,6 +46,7 @@ from conveyor.messages import Message, trace_id, uuid7
 from conveyor.resilience._breaker import admit
 from conveyor.runtime._context import (
     Context,
+    LazyFields,
     Publisher,
     ambient_traceparent,
     log_fields,
@@ -84,11 +85,11 @@ class _Outcome:
     error_type: str = ""
     started: float | None = None
     finished: float | None = None
-    published: list[Message] = field(default_factory=list)
+    published: Sequence[Message] = ()
     """What the handler sent, written with the batch (empty unless applied)."""
-    dead_letters: list[DeadLettered] = field(default_factory=list)
+    dead_letters: Sequence[DeadLettered] = ()
     """Every dead letter its handler call wrote, its own included."""
-    committed: list[Callable[[], None]] = field(default_factory=list)
+    committed: Sequence[Callable[[], None]] = ()
     """Its handler's ``on_commit`` callbacks (empty unless applied)."""
 
     @property
@@ -607,25 +608,21 @@ class Worker:
             sent.extend(messages)
 
         ctx = Context(message, handler.group, tx, collect, app.outbound, app.store)
-
-        async def dead(reason: str, error_type: str, tb: str = "") -> _Outcome:
-            await ctx.dead_letter(reason, error_type=error_type, traceback=tb)
-            return _Outcome(
-                DEAD_LETTER, reason=reason, error_type=error_type, dead_letters=ctx.dead_letters
-            )
-
+        dead = self._dead
         if delivery.malformed is not None:
-            return await dead(f"malformed message: {delivery.malformed}", "MalformedMessage")
+            return await dead(ctx, f"malformed message: {delivery.malformed}", "MalformedMessage")
         if len(message.payload) > app.settings.max_payload:
             # Written by something that skipped publish()'s check: refused
             # here too, so a handler never sees more than the bound.
             return await dead(
+                ctx,
                 f"payload of {len(message.payload)} bytes is over max_payload "
                 f"({app.settings.max_payload} bytes)",
                 "PayloadTooLarge",
             )
         if message.attempt > policy.max_attempts:
             return await dead(
+                ctx,
                 f"delivered {message.attempt} times without an outcome "
                 "(worker killed or lease expired while handling it)",
                 "Undeliverable",
@@ -639,7 +636,7 @@ class Worker:
             )
         started = time.time()
         trace = ambient_traceparent.set(message.traceparent)
-        fields = log_fields.set(_ids(message, handler.group))
+        fields = log_fields.set(LazyFields(_ids, message, handler.group))
         try:
             async with tx.savepoint():
                 with app.observers.consuming(ctx) if app.observers else _NOTHING:
@@ -656,24 +653,25 @@ class Worker:
                                     f"{handler.timeout:g}s timeout"
                                 ) from exc
                             raise
-            log.debug(
-                "handled %s",
-                message.id,
-                extra={"event": "conveyor.handled", **_ids(message, ctx.group)},
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "handled %s",
+                    message.id,
+                    extra={"event": "conveyor.handled", **_ids(message, ctx.group)},
+                )
             return _Outcome(
                 APPLIED,
                 started=started,
                 finished=time.time(),
-                published=sent,
-                dead_letters=ctx.dead_letters,
-                committed=ctx.committed,
+                published=sent or _EMPTY,
+                dead_letters=ctx.dead_letters or _EMPTY,
+                committed=ctx.committed or _EMPTY,
             )
         except Skip:
             return _Outcome(APPLIED, started=started, finished=time.time())
         except DeadLetter as signal:
             ctx.dead_letters.clear()  # the savepoint's writes, dead letters included, are gone
-            outcome = await dead(signal.reason, "DeadLetter")
+            outcome = await dead(ctx, signal.reason, "DeadLetter")
             outcome.started, outcome.finished = started, time.time()
             return outcome
         except Retry as signal:
@@ -693,7 +691,7 @@ class Worker:
                     finished=time.time(),
                 )
             outcome = await dead(
-                f"retry requested after the last attempt ({message.attempt})", "Retry"
+                ctx, f"retry requested after the last attempt ({message.attempt})", "Retry"
             )
             outcome.started, outcome.finished = started, time.time()
             return outcome
@@ -718,6 +716,7 @@ class Worker:
                 else f"gave up after {message.attempt} attempt(s)"
             )
             outcome = await dead(
+                ctx,
                 f"{why}: {type(exc).__name__}: {exc}",
                 error_type,
                 "".join(traceback.format_exception(exc)),
@@ -727,6 +726,14 @@ class Worker:
         finally:
             log_fields.reset(fields)
             ambient_traceparent.reset(trace)
+
+    @staticmethod
+    async def _dead(ctx: Context, reason: str, error_type: str, tb: str = "") -> _Outcome:
+        """Dead-letter the message of ``ctx`` (to its transaction)."""
+        await ctx.dead_letter(reason, error_type=error_type, traceback=tb)
+        return _Outcome(
+            DEAD_LETTER, reason=reason, error_type=error_type, dead_letters=ctx.dead_letters
+        )
 
     def _log_retry(self, handler: Handler, message: Message, delay: float, why: str) -> None:
         log.info(
@@ -856,6 +863,7 @@ def _ids(message: Message, group: str) -> dict[str, object]:
 
 
 _NOTHING = contextlib.nullcontext()
+_EMPTY: tuple[()] = ()
 
 
 def _qualname(cls: type[BaseException]) -> str:
