@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -75,10 +75,12 @@ def _event(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure_logging(*, level: str = "INFO", format: str = "text") -> None:
-    """Log to stderr at ``level`` in ``format`` (``text`` or ``json``); calling
-    it again replaces Conveyor's handler. Driver loggers stay quiet unless
-    ``level`` is DEBUG."""
+def configure_logging(
+    *, level: str = "INFO", format: str = "text", stream: TextIO | None = None
+) -> None:
+    """Log to ``stream`` (stderr) at ``level`` in ``format`` (``text`` or
+    ``json``); calling it again replaces Conveyor's handler. Driver loggers
+    stay quiet unless ``level`` is DEBUG."""
     if format not in FORMATS:
         raise ConfigError(f"unknown log format {format!r}; use one of {', '.join(FORMATS)}")
     numeric = logging.getLevelName(level.upper())
@@ -97,13 +99,13 @@ def configure_logging(*, level: str = "INFO", format: str = "text") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty(), event_key="message", pad_event_to=0
+            colors=(stream or sys.stderr).isatty(), event_key="message", pad_event_to=0
         )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(formatter)
     handler.addFilter(ContextFilter())
     setattr(handler, _MARK, True)

@@ -23,8 +23,10 @@ multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``), see docs/observability.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -36,8 +38,14 @@ from conveyor._drivers import missing_extra
 try:
     import prometheus_client
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
     from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "conveyor.observability.metrics", "prometheus") from None
 
@@ -78,50 +86,10 @@ class Metrics(Observer):
             buckets=_SECONDS,
             registry=r,
         )
-        self.processed = Counter(
-            "conveyor_messages_processed",
-            "Messages settled, by outcome.",
-            (*q, "outcome"),
-            registry=r,
-        )
-        self.handler_seconds = Histogram(
-            "conveyor_handler_duration_seconds",
-            "Time a handler ran.",
-            q,
-            buckets=_SECONDS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "conveyor_queue_wait_seconds",
-            "From visible (published, or due) to the handler starting, first attempts.",
-            q,
-            buckets=_SECONDS,
-            registry=r,
-        )
-        self.end_to_end = Histogram(
-            "conveyor_end_to_end_latency_seconds",
-            "From published to applied.",
-            q,
-            buckets=_SECONDS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "conveyor_messages_in_flight",
-            "Handlers running now in this process.",
-            q,
-            registry=r,
-        )
         self.exceptions = Counter(
             "conveyor_handler_exceptions",
             "Handler failures, retried or dead-lettered, by error type.",
             (*q, "error_type"),
-            registry=r,
-        )
-        self.attempts = Histogram(
-            "conveyor_delivery_attempt",
-            "The attempt at which messages were settled.",
-            q,
-            buckets=_ATTEMPTS,
             registry=r,
         )
         self.duplicates = Counter(
@@ -220,6 +188,8 @@ class Metrics(Observer):
             "When this process last recorded its heartbeat.",
             registry=r,
         )
+        self.consumed = _Consumed()
+        r.register(self.consumed)
         self._state = _StateCollector(self)
         r.register(self._state)
         self._watched: set[int] = set()
@@ -268,27 +238,27 @@ class Metrics(Observer):
                 self.publish_seconds.labels(topic, outcome).observe(seconds)
 
     def consuming(self, ctx: Any) -> Any:
-        gauge = self.in_flight.labels(ctx.message.topic, ctx.group)
-        return gauge.track_inprogress()
+        return self.consumed.queue(ctx.message.topic, ctx.group).running
 
     def settled(self, events: Sequence[Settlement]) -> None:
+        consumed = self.consumed
         for e in events:
-            self.processed.labels(e.topic, e.group, e.outcome).inc()
+            q = consumed.queue(e.topic, e.group)
+            q.outcomes[e.outcome] = q.outcomes.get(e.outcome, 0) + 1
             if e.outcome == "duplicate":
                 self.duplicates.labels(e.group).inc()
                 continue
             if e.outcome == "rolled_back":
                 continue
-            self.attempts.labels(e.topic, e.group).observe(e.message.attempt)
+            message = e.message
+            q.attempts.observe(message.attempt)
             if e.started is not None and e.finished is not None:
-                self.handler_seconds.labels(e.topic, e.group).observe(e.finished - e.started)
-                if e.message.attempt == 1:
-                    visible = max(e.message.created_at, e.message.not_before or 0.0)
-                    self.queue_wait.labels(e.topic, e.group).observe(max(0.0, e.started - visible))
-            if e.outcome == "applied" and e.finished is not None:
-                self.end_to_end.labels(e.topic, e.group).observe(
-                    max(0.0, e.finished - e.message.created_at)
-                )
+                q.handler.observe(e.finished - e.started)
+                if message.attempt == 1:
+                    visible = max(message.created_at, message.not_before or 0.0)
+                    q.wait.observe(max(0.0, e.started - visible))
+                if e.outcome == "applied":
+                    q.end_to_end.observe(max(0.0, e.finished - message.created_at))
             if e.outcome in ("retry", "dead_letter") and e.error_type:
                 self.exceptions.labels(e.topic, e.group, e.error_type).inc()
 
@@ -409,6 +379,7 @@ class Metrics(Observer):
 
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            merged.register(self.consumed)
             merged.register(self._state)
             return prometheus_client.generate_latest(merged)
         return prometheus_client.generate_latest(self.registry)
@@ -464,6 +435,110 @@ class _StateCollector(Collector):
             for values, value in self.snapshot.get(key, []):
                 family.add_metric([values[label] for label in labels], value)
             yield family
+
+
+class _Buckets:
+    """A histogram's counts, kept by the event loop's one thread (no lock):
+    ``observe`` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), float(cumulative)))  # type: ignore[no-untyped-call]
+        family.add_metric(labels, buckets, self.total)
+
+
+class _Running:
+    """``with`` it around a handler call: counts the calls running now."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __enter__(self) -> None:
+        self.now += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.now -= 1
+
+
+class _Queue:
+    """What this process did with the messages of one (topic, group)."""
+
+    __slots__ = ("attempts", "end_to_end", "handler", "outcomes", "running", "wait")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+        self.handler = _Buckets(_SECONDS)
+        self.wait = _Buckets(_SECONDS)
+        self.end_to_end = _Buckets(_SECONDS)
+        self.attempts = _Buckets(_ATTEMPTS)
+        self.running = _Running()
+
+
+_CONSUMED = (
+    ("handler", "conveyor_handler_duration_seconds", "Time a handler ran."),
+    (
+        "wait",
+        "conveyor_queue_wait_seconds",
+        "From visible (published, or due) to the handler starting, first attempts.",
+    ),
+    ("end_to_end", "conveyor_end_to_end_latency_seconds", "From published to applied."),
+    ("attempts", "conveyor_delivery_attempt", "The attempt at which messages were settled."),
+)
+
+
+class _Consumed(Collector):
+    """The consume side's counters and histograms, per (topic, group): every
+    message settled touches them, so they are plain numbers the event loop
+    adds to (prometheus-client's metrics take a lock and a label lookup per
+    call, several microseconds a message) and become metric families only
+    when scraped."""
+
+    def __init__(self) -> None:
+        self.queues: dict[tuple[str, str], _Queue] = {}
+
+    def queue(self, topic: str, group: str) -> _Queue:
+        q = self.queues.get((topic, group))
+        if q is None:
+            q = self.queues[(topic, group)] = _Queue()
+        return q
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["topic", "group"]
+        processed = CounterMetricFamily(
+            "conveyor_messages_processed",
+            "Messages settled, by outcome.",
+            labels=[*labels, "outcome"],
+        )
+        running = GaugeMetricFamily(
+            "conveyor_messages_in_flight", "Handlers running now in this process.", labels=labels
+        )
+        histograms = {
+            attr: HistogramMetricFamily(name, doc, labels=labels) for attr, name, doc in _CONSUMED
+        }
+        for (topic, group), q in sorted(self.queues.items()):
+            for outcome, count in sorted(q.outcomes.items()):
+                processed.add_metric([topic, group, outcome], float(count))
+            running.add_metric([topic, group], float(q.running.now))
+            for attr, family in histograms.items():
+                getattr(q, attr).add_to(family, [topic, group])
+        yield processed
+        yield running
+        yield from histograms.values()
 
 
 def _scheme(url: str) -> str:

@@ -36,7 +36,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.messages import Message
 
@@ -235,8 +235,13 @@ class Observers:
             except Exception:
                 _failed(observer, "fetched")
 
+    def consuming(self, ctx: Context) -> contextlib.AbstractContextManager[object]:
+        if len(self.items) == 1:
+            return _Guarded(self.items[0], ctx)
+        return self._consuming_all(ctx)
+
     @contextlib.contextmanager
-    def consuming(self, ctx: Context) -> Iterator[None]:
+    def _consuming_all(self, ctx: Context) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for observer in self.items:
                 try:
@@ -316,6 +321,34 @@ class Observers:
                 observer.http_request(route=route, method=method, status=status, seconds=seconds)
             except Exception:
                 _failed(observer, "http_request")
+
+
+class _Guarded(contextlib.AbstractContextManager[object]):
+    """One observer's ``consuming`` scope; an observer that fails to enter it
+    is logged and left out, never the handler's failure."""
+
+    __slots__ = ("_observer", "_scope")
+
+    def __init__(self, observer: Observer, ctx: Context) -> None:
+        try:
+            self._scope: contextlib.AbstractContextManager[object] | None = observer.consuming(ctx)
+        except Exception:
+            _failed(observer, "consuming")
+            self._scope = None
+        self._observer = observer
+
+    def __enter__(self) -> object:
+        if self._scope is not None:
+            try:
+                return self._scope.__enter__()
+            except Exception:
+                _failed(self._observer, "consuming")
+                self._scope = None
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._scope is not None:
+            self._scope.__exit__(*exc)
 
 
 def _failed(observer: Observer, hook: str) -> None:
