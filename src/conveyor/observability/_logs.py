@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import structlog
 
 from conveyor.errors import ConfigError
-from conveyor.runtime._context import log_fields
+from conveyor.runtime._context import handling
 
 __all__ = ["FORMATS", "ContextFilter", "configure_logging"]
 
@@ -50,11 +50,12 @@ def _current_span() -> tuple[str, str] | None:
 
 
 class ContextFilter(logging.Filter):
-    """Adds the ids of what is being handled (``log_fields``) and of the
+    """Adds the ids of the message being handled (``handling``) and of the
     current span to every record that does not carry them already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, value in log_fields.get().items():
+        current = handling.get()
+        for name, value in (current or {}).items():
             if not hasattr(record, name) and value is not None:
                 setattr(record, name, value)
         span = _current_span()

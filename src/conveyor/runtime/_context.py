@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, TypedDict, Unpack
 
 from conveyor.errors import ConfigError
-from conveyor.messages import TRACEPARENT, Codec, Message, child_traceparent
+from conveyor.messages import TRACEPARENT, Codec, Message, child_traceparent, trace_id
 from conveyor.runtime._observe import DeadLettered, Observers
 from conveyor.store._protocol import Store, Transaction
 
@@ -18,9 +16,9 @@ __all__ = [
     "Outbound",
     "PublishOptions",
     "Session",
-    "ambient_traceparent",
-    "log_fields",
-    "logged_with",
+    "Handling",
+    "handling",
+    "message_ids",
 ]
 
 _log = logging.getLogger("conveyor.handler")
@@ -41,34 +39,22 @@ class PublishOptions(TypedDict, total=False):
     delay: float
 
 
-ambient_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "conveyor_traceparent", default=None
-)
-"""The trace a message sent from here belongs to, when no message caused it:
-set while a handler runs (its message's) and by an HTTP front (its request's)."""
+class Handling(Mapping[str, object]):
+    """The message a handler runs for, as the context of all it does: the
+    trace a message sent without a cause joins, and the ids every log record
+    written meanwhile carries (computed when a record first reads them: most
+    messages log nothing)."""
 
+    __slots__ = ("_fields", "group", "message")
 
-log_fields: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
-    "conveyor_log_fields", default=MappingProxyType({})
-)
-"""Ids every log record written now carries (the message being handled, its
-correlation id, group, saga, job...): set by the worker around a handler."""
-
-
-class LazyFields(Mapping[str, object]):
-    """Log fields computed when a record first reads them: the worker sets
-    one per message, and most messages log nothing."""
-
-    __slots__ = ("_args", "_fields", "_make")
-
-    def __init__(self, make: Callable[..., Mapping[str, object]], *args: object) -> None:
-        self._make = make
-        self._args = args
+    def __init__(self, message: Message, group: str) -> None:
+        self.message = message
+        self.group = group
         self._fields: Mapping[str, object] | None = None
 
     def _get(self) -> Mapping[str, object]:
         if self._fields is None:
-            self._fields = self._make(*self._args)
+            self._fields = message_ids(self.message, self.group)
         return self._fields
 
     def __getitem__(self, key: str) -> object:
@@ -81,15 +67,29 @@ class LazyFields(Mapping[str, object]):
         return len(self._get())
 
 
-@contextlib.contextmanager
-def logged_with(**fields: object) -> Iterator[None]:
-    """Add ``fields`` to every log record written in the block (see
-    ``log_fields``); the block's own fields win over the enclosing ones."""
-    token = log_fields.set({**log_fields.get(), **fields})
-    try:
-        yield
-    finally:
-        log_fields.reset(token)
+handling: contextvars.ContextVar[Handling | None] = contextvars.ContextVar(
+    "conveyor_handling", default=None
+)
+"""Set by the worker around each handler call (one set per message)."""
+
+
+def message_ids(message: Message, group: str) -> dict[str, object]:
+    """The ids a log record about ``message`` carries."""
+    ids: dict[str, object] = {
+        "message_id": message.id,
+        "correlation_id": message.correlation_id,
+        "causation_id": message.causation_id,
+        "topic": message.topic,
+        "group": group,
+        "attempt": message.attempt,
+    }
+    saga = message.headers.get("saga-id")
+    if saga:
+        ids["saga_id"] = saga
+    trace = trace_id(message.traceparent)
+    if trace:
+        ids["trace_id"] = trace
+    return ids
 
 
 class Outbound:
@@ -121,7 +121,10 @@ class Outbound:
         if cause is not None:
             headers.update(cause.causal_headers())
         elif TRACEPARENT not in headers:
-            headers[TRACEPARENT] = child_traceparent(ambient_traceparent.get())
+            current = handling.get()
+            headers[TRACEPARENT] = child_traceparent(
+                None if current is None else current.message.traceparent
+            )
         merged = PublishOptions(**options)
         merged["headers"] = headers
         message = Message.create(

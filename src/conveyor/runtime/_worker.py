@@ -42,14 +42,14 @@ from conveyor.brokers._protocol import (
     TransactionalBroker,
 )
 from conveyor.errors import DeadLetter, HandlerTimeout, Retry, Skip
-from conveyor.messages import Message, trace_id, uuid7
+from conveyor.messages import Message, uuid7
 from conveyor.resilience._breaker import admit
 from conveyor.runtime._context import (
     Context,
-    LazyFields,
+    Handling,
     Publisher,
-    ambient_traceparent,
-    log_fields,
+    handling,
+    message_ids,
     run_committed,
 )
 from conveyor.runtime._handlers import Handler
@@ -570,7 +570,7 @@ class Worker:
                     message.id,
                     extra={
                         "event": "conveyor.duplicate_skipped",
-                        **_ids(message, handler.group),
+                        **message_ids(message, handler.group),
                     },
                 )
                 outcomes.append(_Outcome(DUPLICATE))
@@ -634,31 +634,24 @@ class Worker:
                 prepared.error if isinstance(prepared, _Failed) else prepared,
                 failed=isinstance(prepared, _Failed),
             )
-        started = time.time()
-        trace = ambient_traceparent.set(message.traceparent)
-        fields = log_fields.set(LazyFields(_ids, message, handler.group))
+        observers = app.observers.items
+        started = time.time() if observers else 0.0
+        scope = handling.set(Handling(message, handler.group))
         try:
             async with tx.savepoint():
-                with app.observers.consuming(ctx) if app.observers else _NOTHING:
-                    if handler.timeout is None:
-                        await call(ctx)
-                    else:
-                        try:
-                            async with asyncio.timeout(handler.timeout) as scope:
-                                await call(ctx)
-                        except TimeoutError as exc:
-                            if scope.expired():
-                                raise HandlerTimeout(
-                                    f"handler {handler.func.__qualname__} ran past its "
-                                    f"{handler.timeout:g}s timeout"
-                                ) from exc
-                            raise
+                if observers or handler.timeout is not None:
+                    with app.observers.consuming(ctx) if observers else _NOTHING:
+                        await self._call(handler, call, ctx)
+                else:
+                    await call(ctx)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "handled %s",
                     message.id,
-                    extra={"event": "conveyor.handled", **_ids(message, ctx.group)},
+                    extra={"event": "conveyor.handled", **message_ids(message, ctx.group)},
                 )
+            if not (observers or sent or ctx.dead_letters or ctx.committed):
+                return _APPLIED
             return _Outcome(
                 APPLIED,
                 started=started,
@@ -724,8 +717,25 @@ class Worker:
             outcome.started, outcome.finished = started, time.time()
             return outcome
         finally:
-            log_fields.reset(fields)
-            ambient_traceparent.reset(trace)
+            handling.reset(scope)
+
+    @staticmethod
+    async def _call(
+        handler: Handler, call: Callable[[Context], Awaitable[None]], ctx: Context
+    ) -> None:
+        """``call(ctx)``, within the handler's timeout."""
+        if handler.timeout is None:
+            await call(ctx)
+            return
+        try:
+            async with asyncio.timeout(handler.timeout) as scope:
+                await call(ctx)
+        except TimeoutError as exc:
+            if scope.expired():
+                raise HandlerTimeout(
+                    f"handler {handler.func.__qualname__} ran past its {handler.timeout:g}s timeout"
+                ) from exc
+            raise
 
     @staticmethod
     async def _dead(ctx: Context, reason: str, error_type: str, tb: str = "") -> _Outcome:
@@ -745,7 +755,7 @@ class Worker:
             why,
             extra={
                 "event": "conveyor.retry_scheduled",
-                **_ids(message, handler.group),
+                **message_ids(message, handler.group),
                 "delay": delay,
             },
         )
@@ -843,27 +853,9 @@ class Worker:
             await asyncio.sleep(3600)
 
 
-def _ids(message: Message, group: str) -> dict[str, object]:
-    """The ids a log record about ``message`` carries."""
-    ids: dict[str, object] = {
-        "message_id": message.id,
-        "correlation_id": message.correlation_id,
-        "causation_id": message.causation_id,
-        "topic": message.topic,
-        "group": group,
-        "attempt": message.attempt,
-    }
-    saga = message.headers.get("saga-id")
-    if saga:
-        ids["saga_id"] = saga
-    trace = trace_id(message.traceparent)
-    if trace:
-        ids["trace_id"] = trace
-    return ids
-
-
 _NOTHING = contextlib.nullcontext()
 _EMPTY: tuple[()] = ()
+_APPLIED = _Outcome(APPLIED)  # applied, nothing sent or written, no observer to tell
 
 
 def _qualname(cls: type[BaseException]) -> str:
