@@ -9,6 +9,7 @@ slows all of them alike); the median rate of each is compared:
 - ``metrics``: ``Metrics(app)`` (counters and histograms per message);
 - ``tracing``: metrics and ``Tracing(app)``, every span sampled and exported
   over OTLP/HTTP to a receiver on 127.0.0.1 that reads and drops them;
+- ``sampled``: the same with one trace in ten sampled (``traceidratio``);
 - ``baseline`` (with ``baseline_src``): another build's ``src`` directory,
   e.g. the commit before the observer seam, for what ``off`` costs.
 """
@@ -32,7 +33,8 @@ from conveyor.cli._bench import OBSERVE_ENV, _consume
 
 __all__ = ["run_observability_bench"]
 
-TARGETS = {"off": 0.03, "metrics": 0.10, "tracing": 0.25}
+TARGETS = {"off": 0.03, "metrics": 0.10, "tracing": 0.25, "sampled": 0.25}
+NAMES = ("metrics", "tracing", "sampled")
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -77,6 +79,11 @@ def _configs(endpoint: str, baseline_src: Path | None) -> dict[str, Mapping[str,
         "OTEL_TRACES_SAMPLER": "always_on",
         "OTEL_SERVICE_NAME": "bench",
     }
+    configs["sampled"] = {
+        **configs["tracing"],
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    }
     return configs
 
 
@@ -106,7 +113,7 @@ def run_observability_bench(
         results[f"{workload}_{name}"] = statistics.median(values)
     for workload in ("noop", "uow"):
         off = results[f"{workload}_off"]
-        for name in ("metrics", "tracing"):
+        for name in NAMES:
             results[f"{workload}_{name}_cost"] = 1 - results[f"{workload}_{name}"] / off
         if baseline_src is not None:
             results[f"{workload}_off_cost"] = 1 - off / results[f"{workload}_baseline"]
@@ -133,12 +140,13 @@ def _print(console: Console, r: dict[str, float], n: int, rounds: int, with_base
         colour = "green" if value <= TARGETS[name] else "red"
         return f"[{colour}]{value:+.1%}[/]"
 
-    names = (["baseline"] if with_baseline else []) + ["off", "metrics", "tracing"]
+    names = (["baseline"] if with_baseline else []) + ["off", *NAMES]
     labels = {
         "baseline": "build without the observer seam",
         "off": "observability off",
         "metrics": "metrics",
         "tracing": "metrics + tracing (all sampled, exported)",
+        "sampled": "metrics + tracing (1 trace in 10 sampled)",
     }
     for name in names:
         target = "" if name == "baseline" else f"<= {TARGETS[name]:.0%}"

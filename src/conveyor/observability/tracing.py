@@ -147,7 +147,7 @@ class Tracing(Observer):
     @contextlib.contextmanager
     def consuming(self, ctx: Context) -> Iterator[None]:
         message = ctx.message
-        parent = extract(dict(message.headers))
+        parent = extract(message.headers)
         span = self.tracer.start_span(
             f"process {message.topic}",
             context=parent,
