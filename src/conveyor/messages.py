@@ -34,6 +34,7 @@ __all__ = [
     "Message",
     "TRACEPARENT",
     "child_traceparent",
+    "parse_traceparent",
     "trace_id",
     "uuid7",
 ]
@@ -85,6 +86,13 @@ def child_traceparent(parent: str | None) -> str:
     if match is None or set(match.group(1)) == {"0"}:
         return f"00-{_rand_bits(128) or 1:032x}-{span}-01"
     return f"00-{match.group(1)}-{span}-{match.group(3)}"
+
+
+def parse_traceparent(traceparent: str | None) -> tuple[str, str, str] | None:
+    """A version-00 ``traceparent``'s trace id, parent span id and flags (hex),
+    or None if it is not one."""
+    match = _TRACEPARENT.match(traceparent or "")
+    return None if match is None else (match.group(1), match.group(2), match.group(3))
 
 
 def trace_id(traceparent: str | None) -> str | None:

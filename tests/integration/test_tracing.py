@@ -115,3 +115,64 @@ async def test_a_record_written_in_a_handler_carries_its_span(tmp_path: Path) ->
     assert record.trace_id == f"{process.context.trace_id:032x}"
     assert record.span_id == f"{process.context.span_id:016x}"
     assert record.group == "ga"
+
+
+async def test_an_unsampled_message_costs_no_span_and_keeps_its_trace(tmp_path: Path) -> None:
+    """With a sampler that drops every trace, handling a message builds no
+    span, yet what its handler sends stays in the message's trace; a message
+    carrying ``tracestate`` is read through the propagators and continues
+    its trace the same way."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App("unsampled", settings=settings_for(PATHS[0], tmp_path))
+    tracing = Tracing(app, tracer_provider=provider)
+    seen: list[str | None] = []
+
+    @app.handler("a", group="ga")
+    async def a(ctx: Context) -> None:
+        await ctx.publish("b", {})
+
+    @app.handler("b", group="gb")
+    async def b(ctx: Context) -> None:
+        seen.append(ctx.message.traceparent)
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    async with app:
+        await app.publish("a", {}, headers={"traceparent": parent})
+        await app.publish("a", {}, headers={"traceparent": parent, "tracestate": "v=1"})
+        await drained(app)
+    assert exporter.get_finished_spans() == ()
+    assert tracing._open == {}
+    assert len(seen) == 2
+    for traceparent in seen:
+        assert traceparent is not None
+        assert traceparent.split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_a_traceparent_the_sender_set_is_the_send_spans_parent(tmp_path: Path) -> None:
+    """A message published outside any span with a ``traceparent`` of the
+    caller's joins that trace: its send span is a child of the caller's span."""
+    app = App("joined", settings=settings_for(PATHS[0], tmp_path))
+    exporter = traced(app)
+
+    @app.handler("a", group="ga")
+    async def a(ctx: Context) -> None:
+        pass
+
+    async with app:
+        await app.publish(
+            "a",
+            {},
+            headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        )
+        await drained(app)
+    [send] = named(exporter.get_finished_spans(), "send a")
+    [process] = named(exporter.get_finished_spans(), "process a")
+    assert f"{send.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert send.parent is not None
+    assert f"{send.parent.span_id:016x}" == "b7ad6b7169203331"
+    assert process.parent is not None
+    assert process.parent.span_id == send.context.span_id

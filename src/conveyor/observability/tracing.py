@@ -46,12 +46,21 @@ try:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "conveyor.observability.tracing", "otel") from None
 
 from conveyor import __version__
-from conveyor.messages import Message
+from conveyor.messages import TRACEPARENT, Message, parse_traceparent
 from conveyor.runtime import App, Observer, Settlement
 from conveyor.runtime._context import Context
 
@@ -95,12 +104,21 @@ class Tracing(Observer):
         self.app = app
         self.provider = tracer_provider or _default_provider(app.name)
         self.tracer = self.provider.get_tracer("conveyor", __version__)
+        # The SDK's sampler, asked before a consumer span's attributes are
+        # built: most messages of a sampled-down system cost no span at all.
+        self._sampler: Sampler | None = getattr(self.provider, "sampler", None)
         self._open: dict[tuple[str, str, int], trace.Span] = {}
         app.observe(self)
 
-    def outgoing(self, message: Message) -> Mapping[str, str] | None:
+    def outgoing(self, message: Message, *, parent: str | None) -> Mapping[str, str] | None:
+        # A child of the span running now (a handler's, an HTTP request's);
+        # else of the trace the message was sent in, else a new trace.
+        context = None
+        if not trace.get_current_span().get_span_context().is_valid and parent is not None:
+            context = self._context_of(parent, message.headers)[0]
         span = self.tracer.start_span(
             f"send {message.topic}",
+            context=context,
             kind=SpanKind.PRODUCER,
             attributes={
                 "messaging.system": _SYSTEM,
@@ -144,12 +162,44 @@ class Tracing(Observer):
             span.set_attribute("error.type", type(error).__qualname__)
         span.end()
 
+    def _context_of(
+        self, traceparent: str | None, headers: Mapping[str, str]
+    ) -> tuple[otel_context.Context, int | None]:
+        """The context a span in the trace of ``traceparent`` continues, and
+        its trace id (None: a root). Conveyor's own ``traceparent`` is read
+        directly; with ``tracestate`` or ``baggage`` the propagators read it."""
+        if "tracestate" in headers or "baggage" in headers:
+            parent = extract({**headers, TRACEPARENT: traceparent or ""})
+            context = trace.get_current_span(parent).get_span_context()
+            return parent, context.trace_id if context.is_valid else None
+        parsed = parse_traceparent(traceparent)
+        if parsed is None or parsed[0] == "0" * 32 or parsed[1] == "0" * 16:
+            return otel_context.Context(), None
+        trace_id, span_id, flags = (int(part, 16) for part in parsed)
+        remote = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+        return trace.set_span_in_context(NonRecordingSpan(remote), otel_context.Context()), trace_id
+
     @contextlib.contextmanager
     def consuming(self, ctx: Context) -> Iterator[None]:
         message = ctx.message
-        parent = extract(message.headers)
+        parent, trace_id = self._context_of(message.traceparent, message.headers)
+        name = f"process {message.topic}"
+        if (
+            trace_id is not None
+            and self._sampler is not None
+            and self._sampler.should_sample(parent, trace_id, name, SpanKind.CONSUMER).decision
+            is Decision.DROP
+        ):
+            # Not sampled: no span to build, but what the handler sends stays
+            # in the message's trace.
+            token = otel_context.attach(parent)
+            try:
+                yield
+            finally:
+                otel_context.detach(token)
+            return
         span = self.tracer.start_span(
-            f"process {message.topic}",
+            name,
             context=parent,
             kind=SpanKind.CONSUMER,
             attributes={

@@ -118,19 +118,20 @@ class Outbound:
         carries the cause's correlation id, the cause's id as causation id
         and a ``traceparent`` in the cause's trace."""
         headers = dict(options.get("headers", {}))
+        parent = headers.get(TRACEPARENT)
         if cause is not None:
+            parent = cause.traceparent
             headers.update(cause.causal_headers())
-        elif TRACEPARENT not in headers:
+        elif parent is None:
             current = handling.get()
-            headers[TRACEPARENT] = child_traceparent(
-                None if current is None else current.message.traceparent
-            )
+            parent = None if current is None else current.message.traceparent
+            headers[TRACEPARENT] = child_traceparent(parent)
         merged = PublishOptions(**options)
         merged["headers"] = headers
         message = Message.create(
             topic, body, codec=self.codec, max_payload=self.max_payload, **merged
         )
-        return self.observers.outgoing(message) if self.observers else message
+        return self.observers.outgoing(message, parent=parent) if self.observers else message
 
 
 class Session:

@@ -101,8 +101,10 @@ class Settlement:
 class Observer:
     """Override the hooks you need; see the module doc."""
 
-    def outgoing(self, message: Message) -> Mapping[str, str] | None:
-        """Headers to add to (or replace in) a message just built, or None."""
+    def outgoing(self, message: Message, *, parent: str | None) -> Mapping[str, str] | None:
+        """Headers to add to (or replace in) a message just built, or None.
+        ``parent``: the ``traceparent`` it was sent in the trace of (its
+        cause's, the handled message's, or the one its sender set), if any."""
         return None
 
     @contextlib.contextmanager
@@ -181,11 +183,11 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def outgoing(self, message: Message) -> Message:
+    def outgoing(self, message: Message, *, parent: str | None = None) -> Message:
         extra: dict[str, str] = {}
         for observer in self.items:
             try:
-                extra.update(observer.outgoing(message) or {})
+                extra.update(observer.outgoing(message, parent=parent) or {})
             except Exception:
                 _failed(observer, "outgoing")
         if not extra:
