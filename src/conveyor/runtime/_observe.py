@@ -240,17 +240,7 @@ class Observers:
     def consuming(self, ctx: Context) -> contextlib.AbstractContextManager[object]:
         if len(self.items) == 1:
             return _Guarded(self.items[0], ctx)
-        return self._consuming_all(ctx)
-
-    @contextlib.contextmanager
-    def _consuming_all(self, ctx: Context) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for observer in self.items:
-                try:
-                    stack.enter_context(observer.consuming(ctx))
-                except Exception:
-                    _failed(observer, "consuming")
-            yield
+        return _All([_Guarded(observer, ctx) for observer in self.items])
 
     def settled(self, events: Sequence[Settlement]) -> None:
         for observer in self.items:
@@ -351,6 +341,24 @@ class _Guarded(contextlib.AbstractContextManager[object]):
     def __exit__(self, *exc: Any) -> None:
         if self._scope is not None:
             self._scope.__exit__(*exc)
+
+
+class _All(contextlib.AbstractContextManager[object]):
+    """Several observers' ``consuming`` scopes, entered in order and left in
+    reverse."""
+
+    __slots__ = ("_scopes",)
+
+    def __init__(self, scopes: list[_Guarded]) -> None:
+        self._scopes = scopes
+
+    def __enter__(self) -> None:
+        for scope in self._scopes:
+            scope.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for scope in reversed(self._scopes):
+            scope.__exit__(*exc)
 
 
 def _failed(observer: Observer, hook: str) -> None:
