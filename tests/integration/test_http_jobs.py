@@ -144,6 +144,49 @@ async def test_delete_of_a_finished_job_is_409(store: str, tmp_path: Path) -> No
         assert (await client.get(url)).json()["status"] == "SUCCEEDED"
 
 
+@pytest.mark.parametrize("moment", ["before_finish", "before_commit"])
+async def test_delete_answers_the_state_the_job_ends_in(
+    store: str, moment: str, tmp_path: Path
+) -> None:
+    """DELETE while a handler is recording its result: before the handler's
+    finish, the cancel wins (202 CANCELLED, and the job ends CANCELLED);
+    after it, before the commit, the cancel loses (409 naming SUCCEEDED, and
+    the job ends SUCCEEDED). Never CANCELLED for a job that then succeeds."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        job_store = b.jobs.store
+        finish = job_store.finish
+        reached, go = asyncio.Event(), asyncio.Event()
+
+        async def gated(session: Any, job_id: str, **options: Any) -> Any:
+            if moment == "before_finish":
+                reached.set()
+                await go.wait()
+                return await finish(session, job_id, **options)
+            done = await finish(session, job_id, **options)
+            reached.set()
+            await go.wait()
+            return done
+
+        job_store.finish = gated  # type: ignore[method-assign]
+        url = (await client.post("/jobs/square", json={"n": 3})).headers["location"]
+        async with running(b.app):
+            await reached.wait()
+            answer = await client.delete(url)
+            go.set()
+            await eventually(lambda: _settled(b), timeout=20, what="the job's message handled")
+        final = (await client.get(url)).json()
+        if moment == "before_finish":
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["status"] == "CANCELLED"
+            assert final["status"] == "CANCELLED"
+            assert final["result"] is None
+        else:
+            assert answer.status_code == 409, answer.text
+            assert "SUCCEEDED" in answer.json()["detail"]
+            assert final["status"] == "SUCCEEDED"
+            assert final["result"] == {"square": 9}
+
+
 async def test_cancel_before_it_runs(store: str, tmp_path: Path) -> None:
     """A job cancelled while PENDING never runs its handler and stays CANCELLED."""
     async with built_on(store, tmp_path) as b, b.client() as client:

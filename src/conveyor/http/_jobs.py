@@ -214,7 +214,11 @@ class JobStore(Protocol):
 
     async def cancel(self, job_id: str, *, ttl: float) -> JobRecord | None:
         """Cancel a job that has not finished, committed at once; returns the
-        record as it now is (finished ones unchanged), None when unknown."""
+        record as it now is (finished ones unchanged), None when unknown.
+
+        Atomic with ``finish``: a cancel that wins means ``finish`` records
+        CANCELLED; a cancel that loses returns the final status ``finish``
+        recorded, even before the handler's transaction has committed."""
         ...
 
     async def is_cancelled(self, job_id: str) -> bool: ...

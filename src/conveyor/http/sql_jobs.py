@@ -13,8 +13,11 @@ open while the job runs. On PostgreSQL that table sits in the same schema
 is the running unit of work, it sits in a companion file next to the
 database (``<file>.jobs-live``), so progress and ``DELETE`` never wait for
 a running job. A status read merges the two. The final state goes into the
-record in the handler's own transaction, and a cancel request found there
-wins over the handler's result.
+record in the handler's own transaction; before that, the handler claims it
+in the live row (committed at once). A cancel and a claim race on that one
+row: a cancel that came first wins (the job ends CANCELLED, its result is
+dropped), and a cancel that comes after the claim answers the claimed final
+state, even while the handler's transaction is still committing.
 """
 
 from __future__ import annotations
@@ -319,16 +322,23 @@ class SqlJobStore:
             return record
         now = self.clock.time()
         async with self._live_tx() as tx:
+            # The live row decides between a cancel and the handler's final
+            # state: whichever writes it first wins (see ``finish``).
             await tx.execute(
                 "INSERT INTO conveyor_job_live (id, state, progress, note, updated_at, expires_at) "
                 "VALUES (?, ?, NULL, NULL, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "state = excluded.state, updated_at = excluded.updated_at, "
-                "expires_at = excluded.expires_at",
+                "expires_at = excluded.expires_at "
+                f"WHERE conveyor_job_live.state NOT IN ({_FINAL_SQL})",
                 (job_id, CANCELLED, now, now + ttl),
             )
-        # Read again: if the handler's final state committed first, that one
-        # stands (the caller answers 409) and the cancel request is moot.
-        return await self.get(job_id)
+            row = await tx.fetchone("SELECT state FROM conveyor_job_live WHERE id = ?", (job_id,))
+        current = await self.get(job_id)
+        if current is not None and not current.finished and row is not None and row[0] in FINAL:
+            # The handler recorded its final state first; its transaction
+            # is committing: that state stands and is the answer.
+            return _with(current, status=row[0])
+        return current
 
     async def is_cancelled(self, job_id: str) -> bool:
         rows = await self._live_read("SELECT state FROM conveyor_job_live WHERE id = ?", (job_id,))
@@ -345,10 +355,24 @@ class SqlJobStore:
         ttl: float,
     ) -> JobRecord | None:
         now = self.clock.time()
-        live = await self._live_read(
-            "SELECT progress, note FROM conveyor_job_live WHERE id = ?", (job_id,)
-        )
-        progress, note = live[0] if live else (None, None)
+        async with self._live_tx() as tx:
+            # Claim the final state in the live row, committed at once, before
+            # this transaction commits: a cancel that came first wins (the job
+            # is CANCELLED), a cancel that comes later finds the claim and
+            # answers this state.
+            await tx.execute(
+                "INSERT INTO conveyor_job_live (id, state, progress, note, updated_at, expires_at) "
+                "VALUES (?, ?, NULL, NULL, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "state = excluded.state, updated_at = excluded.updated_at "
+                "WHERE conveyor_job_live.state <> ?",
+                (job_id, status, now, now + _LIVE_KEEP, CANCELLED),
+            )
+            live = await tx.fetchone(
+                "SELECT state, progress, note FROM conveyor_job_live WHERE id = ?", (job_id,)
+            )
+        state, progress, note = live if live is not None else (status, None, None)
+        if state == CANCELLED:
+            status, result, error = CANCELLED, None, None
         if status == SUCCEEDED:
             progress = 1.0
         changed = await session.execute(
