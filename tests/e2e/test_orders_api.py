@@ -4,22 +4,28 @@ every state change."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from conveyor import App, Settings
 from conveyor.client import verify
+from conveyor.examples.orders import api as orders_api
 from conveyor.examples.orders.api import create_api
 from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.examples.orders.services import Faults, create_app, create_schema
 from conveyor.testing import eventually, running
+from tests.namespaces import drop_all
+from tests.servers import POSTGRES_URL, namespaced
 from tests.webhook_receiver import Receiver
 
 
-def _app(tmp_path: Path, *, stock: int = 10) -> App:
-    url = f"sqlite:///{tmp_path / 'orders.db'}"
+def _app(tmp_path: Path, *, stock: int = 10, url: str | None = None) -> App:
+    url = url or f"sqlite:///{tmp_path / 'orders.db'}"
     app = create_app(
         settings=Settings(broker_url=url, store_url=url, idle_poll=0.02),
         faults=Faults.none(),
@@ -142,3 +148,46 @@ async def test_every_state_change_is_a_signed_webhook(tmp_path: Path) -> None:
             "order.delivered",
         ]
         assert events[short.json()["id"]] == [("order.cancelled", "out of stock")]
+
+
+async def test_racing_posts_with_one_key_place_one_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two POSTs with one Idempotency-Key on PostgreSQL, the second placing
+    while the first has inserted and not committed: both answer 202 with
+    the same order id, and there is one order."""
+    url = namespaced(POSTGRES_URL)
+    app = _app(tmp_path, url=url)
+    place = orders_api.place_order_in
+    inserted, go = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def gated(*args: Any, **options: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            placed = await place(*args, **options)
+            inserted.set()
+            await go.wait()
+            return placed
+        go.set()  # the first commits while this insert waits for it
+        return await place(*args, **options)
+
+    monkeypatch.setattr(orders_api, "place_order_in", gated)
+    try:
+        async with asyncio.timeout(60), app, _client(app) as client:
+            headers = {"Idempotency-Key": "checkout-race"}
+            body = {"sku": "mug", "qty": 1}
+            first = asyncio.create_task(client.post("/orders", json=body, headers=headers))
+            await inserted.wait()
+            second = await client.post("/orders", json=body, headers=headers)
+            one = await first
+            assert one.status_code == 202, one.text
+            assert second.status_code == 202, second.text
+            assert second.json()["id"] == one.json()["id"]
+            assert calls == 2
+            async with app.transaction() as s:
+                assert await s.fetchone("SELECT COUNT(*) FROM orders") == (1,)
+    finally:
+        await app.close()
+        await drop_all([url])

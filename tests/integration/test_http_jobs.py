@@ -230,8 +230,9 @@ async def test_results_expire_after_their_ttl(store: str, tmp_path: Path) -> Non
 
 async def test_idempotency_key_replays_and_conflicts(store: str, tmp_path: Path) -> None:
     """Same key and body: the original response, byte for byte, and one job;
-    same key, other body: 422; original still being created: 409."""
-    async with built_on(store, tmp_path) as b, b.client() as client:
+    same key, other body: 422; original still being created (and not
+    waited for): 409."""
+    async with built_on(store, tmp_path, idempotency_wait=0) as b, b.client() as client:
         headers = {"Idempotency-Key": "order-1"}
         first = await client.post("/jobs/square", json={"n": 4, "label": "x"}, headers=headers)
         again = await client.post(
@@ -269,11 +270,55 @@ async def test_idempotency_key_replays_and_conflicts(store: str, tmp_path: Path)
         assert in_flight.headers["content-type"] == "application/problem+json"
 
 
+async def test_racing_posts_with_one_idempotency_key_get_one_job(
+    store: str, tmp_path: Path
+) -> None:
+    """A POST with the Idempotency-Key and body of one still creating its job
+    waits for it and answers the same 202 and id; one job exists."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        job_store = b.jobs.store
+        accept, begin = job_store.accept, job_store.begin_idempotent
+        creating, saw_claim, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        accepted: list[str] = []
+
+        async def gated_accept(record: Any, **options: Any) -> None:
+            accepted.append(record.id)
+            creating.set()
+            await go.wait()
+            await accept(record, **options)
+
+        async def watched_begin(*args: Any, **options: Any) -> Any:
+            seen = await begin(*args, **options)
+            if seen is not None and seen.response is None:
+                saw_claim.set()
+            return seen
+
+        job_store.accept = gated_accept  # type: ignore[method-assign]
+        job_store.begin_idempotent = watched_begin  # type: ignore[method-assign]
+        headers = {"Idempotency-Key": "race-1"}
+        first = asyncio.create_task(client.post("/jobs/square", json={"n": 8}, headers=headers))
+        await creating.wait()
+        second = asyncio.create_task(client.post("/jobs/square", json={"n": 8}, headers=headers))
+        await saw_claim.wait()
+        go.set()
+        one, two = await first, await second
+        assert one.status_code == 202, one.text
+        assert two.status_code == 202, two.text
+        assert two.content == one.content
+        assert two.headers["location"] == one.headers["location"]
+        assert accepted == [one.json()["id"]]
+        async with running(b.app):
+            await wait_status(client, one.headers["location"], "SUCCEEDED")
+
+
 async def test_idempotency_lease_frees_a_crashed_request(store: str, tmp_path: Path) -> None:
     """A key whose original request died while creating (its lease ran out)
     is taken over by the next request with the same key and body."""
     clock = FakeClock()
-    async with built_on(store, tmp_path, clock=clock) as b, b.client() as client:
+    async with (
+        built_on(store, tmp_path, clock=clock, idempotency_wait=0) as b,
+        b.client() as client,
+    ):
         from conveyor.http._jobs import fingerprint
 
         body = b'{"n":7}'

@@ -39,6 +39,7 @@ from conveyor.http._jobs import (
     CANCELLED,
     PENDING,
     STATUSES,
+    IdempotencyRecord,
     JobKind,
     Jobs,
     StoredResponse,
@@ -220,7 +221,10 @@ class JobAPI:
       own ``shed_above`` wins).
     - ``idempotency_keep``: how long an Idempotency-Key is remembered (24 h);
       ``idempotency_lease``: how long a request may take to create its job
-      before another request with the key may take over (a crashed one).
+      before another request with the key may take over (a crashed one);
+      ``idempotency_wait``: how long a request with the key and body of one
+      still creating its job waits for that job (then the same 202), before
+      it answers 409 + ``Retry-After`` instead.
     - ``retry_after``: the ``Retry-After`` seconds of 202 and of pending polls.
     - ``prune_every``: seconds between deletions of expired records (run by
       the server's lifespan, or ``async with api``).
@@ -240,6 +244,7 @@ class JobAPI:
         shed_above: int | None = None,
         idempotency_keep: float | timedelta = timedelta(hours=24),
         idempotency_lease: float | timedelta = 30.0,
+        idempotency_wait: float | timedelta = 5.0,
         retry_after: float = 1.0,
         prune_every: float | timedelta = 60.0,
         title: str = "Conveyor jobs",
@@ -255,6 +260,7 @@ class JobAPI:
         self.shed_above = shed_above
         self.idempotency_keep = seconds(idempotency_keep)
         self.idempotency_lease = seconds(idempotency_lease)
+        self.idempotency_wait = seconds(idempotency_wait)
         self.retry_after = max(1, math.ceil(retry_after))
         self.prune_every = seconds(prune_every)
         self._policy: str | None = None
@@ -472,13 +478,7 @@ class JobAPI:
                 await self._check_callback(owner, callback_url)
             if idempotency_key is not None:
                 fp = fingerprint(name, raw)
-                seen = await store.begin_idempotent(
-                    owner,
-                    idempotency_key,
-                    fp,
-                    lease=self.idempotency_lease,
-                    keep=self.idempotency_keep,
-                )
+                seen = await self._claim(owner, idempotency_key, fp)
                 if seen is not None:
                     return self._replay(seen.fingerprint == fp, seen.response)
             record = jobs.new_record(name, owner=owner, callback_url=callback_url)
@@ -564,6 +564,29 @@ class JobAPI:
             tags=["jobs"],
             operation_id=f"cancel_{name}",
         )
+
+    async def _claim(self, owner: str, key: str, fp: str) -> IdempotencyRecord | None:
+        """Claim ``key`` (None: this request creates the job), or the record
+        of the request that holds it. While that one, with the same body,
+        is still creating its job, wait for its response (a concurrent
+        duplicate then gets the same answer), up to ``idempotency_wait``."""
+        store = self.jobs.store
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.idempotency_wait
+        pause = 0.005
+        while True:
+            seen = await store.begin_idempotent(
+                owner, key, fp, lease=self.idempotency_lease, keep=self.idempotency_keep
+            )
+            if seen is None or seen.response is not None or seen.fingerprint != fp:
+                return seen
+            left = deadline - loop.time()
+            if left <= 0:
+                return seen
+            # The original commits its job and response together, in one
+            # short transaction: poll for it, briefly and more slowly.
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
 
     def _replay(self, same_body: bool, response: StoredResponse | None) -> Response:
         if not same_body:

@@ -9,7 +9,8 @@
 The order row and the saga's first command commit in one transaction; the
 saga then moves the order on (``services.py``). With ``Idempotency-Key`` the
 order id is derived from the key, so a retried POST places one order (the
-same key with another body is 422). ``Callback-Url`` must be a registered
+same key with another body is 422), also when two such POSTs race: both
+answer 202 with the one order. ``Callback-Url`` must be a registered
 endpoint: it then receives a signed ``order.<state>`` webhook on every state
 change. Every error is a problem+json body. Run it with the services::
 
@@ -106,6 +107,9 @@ def create_api(app: App, *, prices: dict[str, int] = PRODUCTS) -> FastAPI:
                             f"Callback-Url {callback_url!r} is not a registered webhook "
                             "endpoint; POST /webhooks first",
                         )
+                # A concurrent request with this key may have placed it since:
+                # the insert then waits for its commit and places nothing,
+                # and this request answers with that order.
                 await place_order_in(
                     s,
                     app,
@@ -117,7 +121,7 @@ def create_api(app: App, *, prices: dict[str, int] = PRODUCTS) -> FastAPI:
                 )
                 existing = await order_view(s, order_id)
                 assert existing is not None
-            elif (existing["sku"], existing["qty"]) != (order.sku, order.qty):
+            if (existing["sku"], existing["qty"]) != (order.sku, order.qty):
                 return problem_response(422, "this Idempotency-Key was used for a different order")
         return accepted(existing)
 

@@ -315,16 +315,21 @@ async def place_order(
 
 async def place_order_in(
     s: Session, app: App, *, order_id: str, sku: str, qty: int, amount: int, callback: str = ""
-) -> None:
-    """``place_order`` inside the caller's transaction ``s``."""
+) -> bool:
+    """``place_order`` inside the caller's transaction ``s``. False, and
+    nothing done, when the order id exists (also when a concurrent
+    transaction placed it: the insert waits for that one's commit)."""
     order = OrderEvent(order_id=order_id, sku=sku, qty=qty, amount=amount)
     now = time.time()
-    await s.execute(
+    placed = await s.execute(
         "INSERT INTO orders (id, sku, qty, amount, state, rank, callback, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         (order_id, sku, qty, amount, CREATED, _RANK[CREATED], callback, now, now),
     )
+    if not placed:
+        return False
     await sagas_of(app).start(s, "order", order, saga_id=order_id)
+    return True
 
 
 async def state_counts(s: Session) -> dict[str, int]:
