@@ -147,6 +147,23 @@ async def test_retry_after_is_honoured(tmp_path: Path) -> None:
         assert second.at - first.at >= 0.9
 
 
+async def test_a_retry_after_that_is_no_number_is_ignored(tmp_path: Path) -> None:
+    """A 503 with Retry-After: \u00b2 (a digit, not an ASCII one) is an ordinary
+    retry on the policy's backoff: recorded, then delivered, no dead letter."""
+    async with (
+        Receiver((503, {"retry-after": "\u00b2"})) as receiver,
+        webhook_app(settings_for("bound", tmp_path)) as (app, hooks),
+    ):
+        await register(app, hooks, receiver.url())
+        async with running(app):
+            webhook_id = await enqueue(app, hooks, receiver.url())
+            await settled(app, hooks, webhook_id, "delivered")
+        retried, delivered = await attempts(app, hooks, webhook_id)
+        assert (retried.outcome, retried.status_code, retried.attempt) == ("retrying", 503, 1)
+        assert (delivered.outcome, delivered.attempt) == ("delivered", 2)
+        assert len(receiver.received) == 2
+
+
 async def test_exhausted_retries_are_dead_lettered(tmp_path: Path) -> None:
     """A receiver that keeps failing gets max_attempts tries, then the
     delivery is recorded as failed and dead-lettered with the reason."""

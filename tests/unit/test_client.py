@@ -13,6 +13,7 @@ import pydantic
 import pytest
 
 from conveyor import RetryPolicy
+from conveyor._retry_after import parse_retry_after
 from conveyor.client import (
     AsyncClient,
     Client,
@@ -24,7 +25,7 @@ from conveyor.client import (
     JobTimeout,
     Route,
 )
-from conveyor.client._client import parse_retry_after
+from conveyor.client._client import MAX_RETRY_AFTER
 
 FAST = RetryPolicy(max_attempts=5, base_delay=0.1, max_delay=1.0, jitter=False)
 
@@ -360,7 +361,41 @@ async def test_async_timeout_names_the_job() -> None:
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:
     """Retry-After is read as delta seconds or as an HTTP date."""
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after(None) is None
+    assert parse_retry_after("7", limit=60) == 7.0
+    when = "Wed, 21 Oct 2015 07:28:10 GMT"
+    assert parse_retry_after(when, limit=60, now=1445412480.0) == 10.0
+    assert parse_retry_after("soon", limit=60) is None
+    assert parse_retry_after(None, limit=60) is None
+
+
+def test_retry_after_is_parsed_strictly_and_capped() -> None:
+    """Only ASCII digits or an HTTP date count: other digits, fractions,
+    signs and impossible dates are ignored (None), never an error; a value
+    of any length is cut to the limit."""
+    for value in ("\u00b2", "\u0663", "1.5", "-1", "+3", "0x10", "Mon, 01 Jan 99999 00:00:00 GMT"):
+        assert parse_retry_after(value, limit=60) is None, value
+    assert parse_retry_after("9" * 400, limit=60) == 60
+    assert parse_retry_after("9" * 5000, limit=60) == 60
+    assert parse_retry_after("61", limit=60) == 60
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", limit=60, now=0.0) == 60
+
+
+def test_a_huge_retry_after_does_not_stall_polling() -> None:
+    """A 400-digit Retry-After on a poll is honoured only up to
+    MAX_RETRY_AFTER, also with no timeout; a non-ASCII digit is ignored."""
+    first = accepted()
+    headers = [(k, v) for k, v in first.headers.raw if k.lower() != b"retry-after"]
+    # As a server sends it: UTF-8 bytes.
+    odd = httpx.Response(
+        202, content=first.content, headers=[*headers, (b"retry-after", "\u00b2".encode())]
+    )
+    server = Server(
+        odd,
+        state("RUNNING", retry_after="9" * 400),
+        state("SUCCEEDED", result=5),
+    )
+    clock = FakeTime()
+    handle = client_for(server, clock, poll_interval=0.05).submit("report", {"n": 1})
+    assert handle.retry_after is None
+    assert handle.result(timeout=None) == 5
+    assert clock.sleeps == [MAX_RETRY_AFTER]

@@ -20,13 +20,12 @@ cut to what is left of the timeout. ``JobTimeout`` names the job id.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar, overload
 from urllib.parse import quote
@@ -34,6 +33,7 @@ from urllib.parse import quote
 import httpx
 import pydantic
 
+from conveyor._retry_after import parse_retry_after
 from conveyor._time import seconds
 from conveyor.errors import (
     ClientError,
@@ -53,7 +53,6 @@ __all__ = [
     "JobHandle",
     "JobStatus",
     "Route",
-    "parse_retry_after",
 ]
 
 T = TypeVar("T")
@@ -69,7 +68,7 @@ FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 DEFAULT_RETRY = RetryPolicy(max_attempts=6, base_delay=0.2, max_delay=5.0)
 MAX_RETRY_AFTER = 120.0
-"""A server's ``Retry-After`` on a retried request is honoured up to this."""
+"""A server's ``Retry-After`` (on a retried request or a poll) is honoured up to this."""
 
 _TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _TRANSIENT_STATUS = frozenset({502, 503, 504, 429})
@@ -77,21 +76,8 @@ _TRANSIENT_STATUS = frozenset({502, 503, 504, 429})
 Body = pydantic.BaseModel | Mapping[str, object]
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` value asks to wait: delta seconds or an
-    HTTP date (relative to ``now``, epoch seconds); None if absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+def _retry_after(response: httpx.Response) -> float | None:
+    return parse_retry_after(response.headers.get("retry-after"), limit=MAX_RETRY_AFTER)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,14 +219,14 @@ class _Core:
     def retry_wait(self, attempt: int, retry_after: float | None) -> float:
         wait = self.retry.backoff(attempt, self.rng)
         if retry_after is not None:
-            wait = max(wait, min(retry_after, MAX_RETRY_AFTER))
+            wait = max(wait, retry_after)
         return wait
 
     def check(self, response: httpx.Response, attempt: int, *, conflict_retries: bool) -> None:
         """Raise ``_Again`` if ``response`` is worth another try."""
         status = response.status_code
         if status in _TRANSIENT_STATUS or (status == 409 and conflict_retries):
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            retry_after = _retry_after(response)
             raise _Again(self.retry_wait(attempt, retry_after), f"HTTP {status}")
 
     def failure(self, exc: Exception, attempt: int) -> _Again:
@@ -306,7 +292,7 @@ class _Core:
             if location and self.route.use_location
             else self.route.status_path(kind, job_id)
         )
-        return job_id, path, parse_retry_after(response.headers.get("retry-after"))
+        return job_id, path, _retry_after(response)
 
     def status(self, kind: str, job_id: str, response: httpx.Response, what: str) -> JobStatus:
         if not response.is_success:
@@ -317,9 +303,7 @@ class _Core:
             raise ClientError(f"{what}: the answer is not JSON: {response.text[:200]!r}") from None
         if not isinstance(body, dict):
             raise ClientError(f"{what}: the answer is not an object: {_brief(body)}")
-        return self.route.read_status(
-            kind, body, parse_retry_after(response.headers.get("retry-after"))
-        )
+        return self.route.read_status(kind, body, _retry_after(response))
 
     @staticmethod
     def outcome(state: JobStatus, into: type[Any] | None) -> object:

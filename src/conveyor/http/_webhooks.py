@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import pydantic
 
+from conveyor._retry_after import parse_retry_after
 from conveyor._time import Clock, seconds
-from conveyor.client._client import parse_retry_after
 from conveyor.client._verify import new_secret, signature_header
 from conveyor.errors import UnknownEndpoint, UnsafeTarget, WebhookError
 from conveyor.http._ssrf import Guard, GuardedTransport
@@ -542,7 +542,7 @@ class Webhooks:
             return
         delay = self.retry.backoff(task.attempt)
         if result.retry_after is not None:
-            delay = max(delay, min(result.retry_after, MAX_RETRY_AFTER))
+            delay = max(delay, result.retry_after)
         await self._record(ctx, task, result, now, duration, self.clock.time() + delay)
         await ctx.publish(
             TOPIC,
@@ -585,7 +585,9 @@ class Webhooks:
         if status == 410:
             return _Result(GONE, status, f"HTTP 410 Gone {detail}".strip())
         if status == 429 or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("retry-after"), self.clock.time())
+            retry_after = parse_retry_after(
+                response.headers.get("retry-after"), limit=MAX_RETRY_AFTER, now=self.clock.time()
+            )
             return _Result(RETRYING, status, f"HTTP {status} {detail}".strip(), retry_after)
         if 300 <= status < 400:
             where = response.headers.get("location", "")
