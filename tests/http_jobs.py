@@ -25,6 +25,12 @@ class Square(pydantic.BaseModel):
     square: int
 
 
+class Codepoint(pydantic.BaseModel):
+    """Input of the ``char`` kind."""
+
+    codepoint: int = pydantic.Field(ge=0, le=0x10FFFF)
+
+
 @dataclass
 class Controls:
     """Lets a test hold the ``slow`` kind mid-run and count attempts."""
@@ -58,7 +64,7 @@ def build(
     webhooks: Any = None,
     **options: Any,
 ) -> Built:
-    """An App with four kinds (square, slow, flaky, doomed) and its JobAPI;
+    """An App with five kinds (square, slow, flaky, doomed, char) and its JobAPI;
     ``clock`` drives the job records, the limiter and shedding (the App and
     its broker keep real time)."""
     app = App("http-test", settings=settings)
@@ -95,6 +101,11 @@ def build(
         """Fail at once with a permanent error."""
         controls.attempts[job.id] = controls.attempts.get(job.id, 0) + 1
         raise PermanentError("cannot be done")
+
+    @jobs.kind("char")
+    async def char(job: JobContext, body: Codepoint) -> dict[str, str]:
+        """The character of a code point (a lone surrogate for 0xD800)."""
+        return {"char": chr(body.codepoint)}
 
     options.setdefault("rate_limit", None)
     api = JobAPI(jobs, **options)

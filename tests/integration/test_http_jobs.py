@@ -132,6 +132,25 @@ async def test_fails_after_retries_and_on_permanent_error(store: str, tmp_path: 
         assert b.controls.attempts[doomed["id"]] == 1
 
 
+async def test_a_result_that_is_no_json_text_fails_the_job(store: str, tmp_path: Path) -> None:
+    """A result holding a lone surrogate makes the job FAILED, saying why,
+    and its status reads stay 200 JSON; non-ASCII results come back as they
+    went in."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        lone = (await client.post("/jobs/char", json={"codepoint": 0xD800})).headers["location"]
+        accent = (await client.post("/jobs/char", json={"codepoint": 0xE9})).headers["location"]
+        async with running(b.app):
+            failed = await wait_status(client, lone, "FAILED")
+            done = await wait_status(client, accent, "SUCCEEDED")
+        assert "not storable JSON" in failed["error"]
+        assert "surrogate" in failed["error"]
+        assert failed["result"] is None
+        again = await client.get(lone)
+        assert again.status_code == 200
+        assert again.headers["content-type"] == "application/json"
+        assert done["result"] == {"char": "\u00e9"}
+
+
 async def test_delete_of_a_finished_job_is_409(store: str, tmp_path: Path) -> None:
     """DELETE on a job that already succeeded answers 409 and leaves it so."""
     async with built_on(store, tmp_path) as b, b.client() as client:

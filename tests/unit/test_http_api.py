@@ -96,6 +96,55 @@ async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
         assert (await client.post("/jobs/square", json={"n": 1})).status_code == 202
 
 
+async def test_hostile_bodies_are_4xx_problems(tmp_path: Path) -> None:
+    """Deep nesting and lone surrogates, also in fields the model ignores,
+    are 422 problems naming the reason (400 when too deep to parse at all);
+    a body within max_body whose job payload is over max_payload is 413."""
+    async with built(tmp_path) as b, b.client() as client:
+        json_type = {"content-type": "application/json"}
+        deep = b'{"n": 1, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+        body = assert_problem(
+            await client.post("/jobs/square", content=deep, headers=json_type), 422
+        )
+        assert "deeper than 64 levels" in body["detail"]
+        assert body["errors"] == [{"loc": ["body"], "msg": body["errors"][0]["msg"]}]
+        deepest = b'{"n": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert_problem(await client.post("/jobs/square", content=deepest, headers=json_type), 400)
+        lone = b'{"n": 1, "x": "\\ud800"}'
+        body = assert_problem(
+            await client.post("/jobs/square", content=lone, headers=json_type), 422
+        )
+        assert "surrogate" in body["detail"]
+        pair = b'{"n": 1, "x": "\\ud83d\\ude00"}'  # a valid pair: one emoji
+        assert (
+            await client.post("/jobs/square", content=pair, headers=json_type)
+        ).status_code == 202
+        nested = {"n": 1, "x": [[[[{"y": [1]}]]]]}
+        assert (await client.post("/jobs/square", json=nested)).status_code == 202
+
+
+async def test_a_body_over_the_message_limit_is_413(tmp_path: Path) -> None:
+    """A body under max_body whose job message would be over the App's
+    max_payload is 413 (the client must not retry it), not 503."""
+    b = build(settings_for("bound", tmp_path, max_payload=1024), max_body=64 * 1024)
+    try:
+        async with b.api, b.client() as client:
+            big = {"n": 1, "pad": "\u00e9" * 1000}
+            refused = await client.post("/jobs/square", json=big)
+            body = assert_problem(refused, 413)
+            assert "1024-byte limit" in body["detail"]
+            assert "retry-after" not in refused.headers
+            keyed = await client.post("/jobs/square", json=big, headers={"Idempotency-Key": "k"})
+            assert_problem(keyed, 413)
+            small = await client.post(
+                "/jobs/square", json={"n": 1}, headers={"Idempotency-Key": "k"}
+            )
+            assert small.status_code == 202, small.text
+    finally:
+        await b.app.close()
+        await b.jobs.store.close()
+
+
 async def test_api_keys_are_required_once_one_exists(tmp_path: Path) -> None:
     """With no key stored, requests pass; once a key exists, a missing or
     unknown key is 401, and Bearer or X-API-Key both work."""

@@ -31,6 +31,7 @@ from conveyor.errors import (
     ConfigError,
     ConveyorError,
     Overloaded,
+    PayloadTooLarge,
     RateLimited,
     UnknownEndpoint,
     WebhookError,
@@ -45,6 +46,7 @@ from conveyor.http._jobs import (
     StoredResponse,
     fingerprint,
 )
+from conveyor.http._json import body_problem
 from conveyor.http._keys import ApiKeys
 from conveyor.http.sql_jobs import read_rows
 from conveyor.resilience import Limiter, LoadShedder, RateLimiter, parse_rate
@@ -474,6 +476,14 @@ class JobAPI:
         ) -> Response:
             await self._shed(kind)
             raw = await request.body()
+            data = json.loads(raw)  # FastAPI parsed it already: this does not fail
+            refused = body_problem(raw, data)
+            if refused is not None:
+                raise _Problem(
+                    422,
+                    f"invalid request: {refused}",
+                    errors=[{"loc": ["body"], "msg": refused}],
+                )
             if callback_url is not None:
                 await self._check_callback(owner, callback_url)
             if idempotency_key is not None:
@@ -493,7 +503,7 @@ class JobAPI:
                 await store.accept(
                     record,
                     topic=kind.topic,
-                    payload={"id": record.id, "kind": name, "body": json.loads(raw)},
+                    payload={"id": record.id, "kind": name, "body": data},
                     idempotency=(
                         None
                         if idempotency_key is None
@@ -686,8 +696,8 @@ def problem_api(
     """A FastAPI app whose every error is an RFC 9457 problem body (also in
     its OpenAPI schema): unknown routes and methods, invalid requests (422
     with the fields), ``ConfigError``/``WebhookError`` (422),
-    ``UnknownEndpoint`` (404) and any other ``ConveyorError`` (503 with
-    ``Retry-After``). The job API is built on it; so can your own routes."""
+    ``UnknownEndpoint`` (404), ``PayloadTooLarge`` (413) and any other
+    ``ConveyorError`` (503 with ``Retry-After``). The job API is built on it; so can your own routes."""
     api = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -712,6 +722,9 @@ def problem_api(
     async def on_conveyor_error(request: Request, exc: ConveyorError) -> Response:
         if isinstance(exc, UnknownEndpoint):
             return problem_response(404, str(exc))
+        if isinstance(exc, PayloadTooLarge):
+            # What the request asked to queue is over the message size limit.
+            return problem_response(413, f"the request is too large to queue: {exc}")
         if isinstance(exc, ConfigError | WebhookError):
             return problem_response(422, str(exc))
         log.error(

@@ -34,6 +34,7 @@ import pydantic
 
 from conveyor._time import Clock, seconds
 from conveyor.errors import ConfigError, PermanentError, UnknownEndpoint
+from conveyor.http._json import json_text
 from conveyor.messages import uuid7
 from conveyor.resilience import RetryPolicy
 from conveyor.runtime import App, Context, Session
@@ -124,7 +125,7 @@ class StoredResponse:
     body: bytes
 
     def to_json(self) -> str:
-        return json.dumps(
+        return json_text(
             {"status": self.status, "headers": dict(self.headers), "body": self.body.decode()}
         )
 
@@ -350,7 +351,9 @@ class Jobs:
     ) -> Callable[[Callable[[JobContext, M], Awaitable[object]]], Callable[..., Awaitable[object]]]:
         """Register ``async def run(job: JobContext, body: Model) -> result``.
 
-        The result must be JSON-serialisable (or a pydantic model). ``ttl``:
+        The result must be JSON-serialisable (or a pydantic model): a result
+        that is not (also NaN, a lone surrogate, nesting deeper than 64
+        levels) makes the job FAILED, saying why. ``ttl``:
         how long a finished job's record is kept (default 180 s). ``retry``:
         the handler's retry policy; the job is FAILED once it gives up (or on
         ``PermanentError``). ``timeout`` bounds one attempt (a retryable
@@ -448,6 +451,13 @@ class Jobs:
             return
         if isinstance(result, pydantic.BaseModel):
             result = result.model_dump(mode="json")
+        try:
+            json_text(result)
+        except ValueError as exc:
+            # Stored, it would break every read of the job: a failure instead.
+            error = f"the job's result is not storable JSON: {exc}"
+            await self._finish(kind, ctx, job_id, FAILED, error=error)
+            return
         await self._finish(kind, ctx, job_id, SUCCEEDED, result=result)
 
     async def _finish(

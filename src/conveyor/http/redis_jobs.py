@@ -43,6 +43,7 @@ from conveyor.http._jobs import (
     JobRecord,
     StoredResponse,
 )
+from conveyor.http._json import json_text
 from conveyor.messages import Message
 from conveyor.runtime import App, Session
 
@@ -345,7 +346,7 @@ class RedisJobStore:
                 keys=[self._job(job_id)],
                 args=[
                     status,
-                    "" if status != SUCCEEDED else json.dumps(result),
+                    "" if status != SUCCEEDED else json_text(result),
                     error or "",
                     self.clock.time(),
                     ttl,

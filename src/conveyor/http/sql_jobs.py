@@ -40,6 +40,7 @@ from conveyor.http._jobs import (
     JobRecord,
     StoredResponse,
 )
+from conveyor.http._json import json_text
 from conveyor.runtime import App, Session
 from conveyor.runtime._context import Publisher
 from conveyor.store._protocol import Store, Transaction
@@ -383,7 +384,7 @@ class SqlJobStore:
                 status,
                 progress,
                 note,
-                None if result is None else json.dumps(result),
+                None if result is None else json_text(result),
                 error,
                 now,
                 now,
