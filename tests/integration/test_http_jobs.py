@@ -353,21 +353,67 @@ async def test_idempotency_lease_frees_a_crashed_request(store: str, tmp_path: P
         assert replay.content == taken.content
 
 
-async def test_readyz_is_503_when_the_job_store_is_down(tmp_path: Path) -> None:
-    """A Redis job store on a closed port makes /readyz 503 (with Retry-After)
-    while /healthz stays 200."""
+async def test_ids_and_keys_no_store_can_hold_are_4xx(store: str, tmp_path: Path) -> None:
+    """A NUL (or another control character) in a job id is 404, in an
+    Idempotency-Key 422: problem bodies, never a store error (PostgreSQL
+    text holds no NUL) and never a URL of the store."""
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        for method in ("GET", "DELETE"):
+            for job_id in ("a%00b", "%00", "a%0Ab"):
+                answer = await client.request(method, f"/jobs/square/{job_id}")
+                assert answer.status_code == 404, answer.text
+                assert answer.headers["content-type"] == "application/problem+json"
+        keyed = await client.post(
+            "/jobs/square", json={"n": 1}, headers={"Idempotency-Key": "a\x00b"}
+        )
+        assert keyed.status_code == 422, keyed.text
+        assert keyed.json()["errors"][0]["loc"] == ["header", "idempotency-key"]
+
+
+async def test_a_failing_store_is_a_503_that_names_no_url(tmp_path: Path) -> None:
+    """A job store that fails answers 503 + Retry-After naming the error's
+    kind, not the store's URL, host or password (the log has the redacted
+    details)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    b = build(settings_for("bound", tmp_path), store=RedisJobStore(f"redis://127.0.0.1:{port}/0"))
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    b = build(settings_for("bound", tmp_path), store=RedisJobStore(url))
+    try:
+        async with b.client() as client:
+            failed = await client.post("/jobs/square", json={"n": 1})
+        assert failed.status_code == 503
+        assert failed.headers["content-type"] == "application/problem+json"
+        assert "retry-after" in failed.headers
+        assert "StoreError" in failed.json()["detail"]
+        for secret in ("s3cret", "127.0.0.1", str(port), "redis://"):
+            assert secret not in failed.text
+    finally:
+        await b.app.close()
+        await b.jobs.store.close()
+
+
+async def test_readyz_is_503_when_the_job_store_is_down(tmp_path: Path) -> None:
+    """A Redis job store on a closed port makes /readyz 503 (with Retry-After)
+    naming the job store but not its URL, while /healthz stays 200."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    b = build(settings_for("bound", tmp_path), store=RedisJobStore(url))
     try:
         async with b.client() as client:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert ready.headers["content-type"] == "application/problem+json"
             assert "retry-after" in ready.headers
+            assert "the job store" in ready.json()["detail"]
+            for secret in ("s3cret", "127.0.0.1", str(port), "redis://"):
+                assert secret not in ready.text
             assert (await client.get("/healthz")).status_code == 200
     finally:
         await b.app.close()

@@ -123,6 +123,23 @@ async def test_hostile_bodies_are_4xx_problems(tmp_path: Path) -> None:
         assert (await client.post("/jobs/square", json=nested)).status_code == 202
 
 
+async def test_an_unexpected_error_is_a_500_problem(tmp_path: Path) -> None:
+    """A bug (an exception no handler expects) answers a 500 problem body
+    that tells nothing of it, not a text/plain page."""
+    async with built(tmp_path) as b:
+
+        async def broken(job_id: str) -> None:
+            raise RuntimeError("secret internals at postgresql://u:pw@db/x")
+
+        b.jobs.store.get = broken  # type: ignore[assignment]
+        transport = httpx.ASGITransport(app=b.api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get("/jobs/square/01-some-id")
+        body = assert_problem(answer, 500)
+        assert "secret" not in answer.text
+        assert "postgresql" not in body["detail"]
+
+
 async def test_a_body_over_the_message_limit_is_413(tmp_path: Path) -> None:
     """A body under max_body whose job message would be over the App's
     max_payload is 413 (the client must not retry it), not 503."""

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from conveyor._time import Clock, seconds
+from conveyor._urls import redact
 from conveyor.errors import (
     ConfigError,
     ConveyorError,
@@ -61,6 +63,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PROBLEM = "application/problem+json"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# An Idempotency-Key or Callback-Url is printable ASCII (structured-field
+# strings, URIs): anything else is a 422, never a store error.
+_PRINTABLE = r"^[\x20-\x7e]*$"
 MiB = 1024 * 1024
 
 
@@ -206,6 +212,21 @@ class _BodyLimit:
             f"the request body is over the {self.limit}-byte limit; "
             "send less, or store large data elsewhere and send a reference"
         )
+
+
+class _PathGuard:
+    """404 for a path holding a control character (NUL included): no route
+    or record has one, and PostgreSQL text cannot even be searched for it."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope.get("path", "")):
+            detail = "no resource has a control character in its path"
+            await problem_response(404, detail)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class JobAPI:
@@ -441,18 +462,29 @@ class JobAPI:
         @api.get("/readyz", tags=["health"], responses={503: {"model": Problem}})
         async def readyz() -> dict[str, str]:
             """200 when the broker, the store and the job store answer, else 503."""
-            try:
-                async with asyncio.timeout(5):
-                    await self.connect()
-                    await read_rows(self.app.store, "SELECT 1")
-                    await self.app.broker.stats()
-                    await self.jobs.store.ping()
-            except Exception as exc:
-                raise _Problem(
-                    503,
-                    f"not ready: {type(exc).__name__}: {exc}",
-                    headers={"Retry-After": str(self.retry_after)},
-                ) from None
+            checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+                ("the connection to the broker and stores", self.connect),
+                ("the store", lambda: read_rows(self.app.store, "SELECT 1")),
+                ("the broker", self.app.broker.stats),
+                ("the job store", self.jobs.store.ping),
+            )
+            for what, check in checks:
+                try:
+                    async with asyncio.timeout(5):
+                        await check()
+                except Exception as exc:
+                    # The reason (URLs, hosts) goes to the log, not to the caller.
+                    log.warning(
+                        "not ready: %s failed: %s",
+                        what,
+                        redact(f"{type(exc).__name__}: {exc}"),
+                        extra={"event": "conveyor.http_not_ready"},
+                    )
+                    raise _Problem(
+                        503,
+                        f"not ready: {what} does not answer ({type(exc).__name__})",
+                        headers={"Retry-After": str(self.retry_after)},
+                    ) from None
             return {"status": "ready"}
 
         return api
@@ -471,8 +503,8 @@ class JobAPI:
             request: Request,
             body: pydantic.BaseModel,
             owner: str = Depends(authorized),
-            idempotency_key: str | None = Header(default=None, max_length=255),
-            callback_url: str | None = Header(default=None, max_length=2000),
+            idempotency_key: str | None = Header(default=None, max_length=255, pattern=_PRINTABLE),
+            callback_url: str | None = Header(default=None, max_length=2000, pattern=_PRINTABLE),
         ) -> Response:
             await self._shed(kind)
             raw = await request.body()
@@ -728,19 +760,28 @@ def problem_api(
         if isinstance(exc, ConfigError | WebhookError):
             return problem_response(422, str(exc))
         log.error(
-            "%s %s failed: %r",
+            "%s %s failed: %s",
             request.method,
             request.url.path,
-            exc,
+            redact(repr(exc)),
             extra={"event": "conveyor.http_error"},
         )
+        # What failed, for the caller; the message (URLs, hosts) only in the log.
         return problem_response(
-            503, f"a dependency failed: {exc}", headers={"Retry-After": str(retry_after)}
+            503,
+            f"a dependency failed ({type(exc).__name__}); retry later",
+            headers={"Retry-After": str(retry_after)},
         )
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        # Logged with its traceback by the server; the caller learns nothing of it.
+        return problem_response(500, "the server failed to answer this request")
 
     api.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, on_invalid)  # type: ignore[arg-type]
     api.add_exception_handler(ConveyorError, on_conveyor_error)  # type: ignore[arg-type]
+    api.add_exception_handler(Exception, on_crash)
+    api.add_middleware(_PathGuard)
     original = api.openapi
 
     def openapi() -> dict[str, Any]:
