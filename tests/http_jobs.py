@@ -17,7 +17,7 @@ from conveyor.http import JobAPI, JobContext, Jobs, JobStore
 class Numbers(pydantic.BaseModel):
     """Input of the test kinds."""
 
-    n: int = pydantic.Field(ge=0, le=1_000_000)
+    n: int = pydantic.Field(ge=0, le=1_000_000, strict=True)
     label: str = pydantic.Field(default="", max_length=50)
 
 
@@ -28,7 +28,7 @@ class Square(pydantic.BaseModel):
 class Codepoint(pydantic.BaseModel):
     """Input of the ``char`` kind."""
 
-    codepoint: int = pydantic.Field(ge=0, le=0x10FFFF)
+    codepoint: int = pydantic.Field(ge=0, le=0x10FFFF, strict=True)
 
 
 @dataclass

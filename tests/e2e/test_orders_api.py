@@ -84,7 +84,14 @@ async def test_bad_requests_get_problem_bodies(tmp_path: Path) -> None:
     """Invalid bodies, an unknown SKU and an unknown id are 4xx problem+json."""
     app = _app(tmp_path)
     async with app, _client(app) as client:
-        for body in ({"sku": "mug", "qty": 0}, {"sku": "mug"}, {"sku": "mug", "qty": "x"}):
+        for body in (
+            {"sku": "mug", "qty": 0},
+            {"sku": "mug"},
+            {"sku": "mug", "qty": "x"},
+            {"sku": "mug", "qty": True},
+            {"sku": "mug", "qty": "2"},
+            {"sku": "mug", "qty": 2.0},
+        ):
             answer = await client.post("/orders", json=body)
             assert answer.status_code == 422, body
             assert answer.headers["content-type"] == "application/problem+json"
@@ -95,6 +102,9 @@ async def test_bad_requests_get_problem_bodies(tmp_path: Path) -> None:
         missing = await client.get("/orders/ord-nope")
         assert missing.status_code == 404
         assert missing.json()["status"] == 404
+        wrong = await client.delete("/orders/ord-nope")
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "GET"
         unregistered = await client.post(
             "/orders",
             json={"sku": "mug", "qty": 1},

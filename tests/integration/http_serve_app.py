@@ -12,7 +12,7 @@ from conveyor.http import JobAPI, JobContext, Jobs, JobStore
 
 
 class Numbers(pydantic.BaseModel):
-    n: int = pydantic.Field(ge=0, le=1_000_000)
+    n: int = pydantic.Field(ge=0, le=1_000_000, strict=True)
 
 
 app = App("http-serve")

@@ -51,6 +51,8 @@ async def test_bad_body_is_422_listing_the_fields(tmp_path: Path) -> None:
         body = assert_problem(bad, 422)
         assert {tuple(e["loc"]) for e in body["errors"]} == {("body", "n"), ("body", "label")}
         assert all(e["msg"] for e in body["errors"])
+        for n in (True, "3", 3.0):  # a strict int: JSON true is no 1
+            assert_problem(await client.post("/jobs/square", json={"n": n}), 422)
         not_json = await client.post(
             "/jobs/square", content=b"{nope", headers={"content-type": "application/json"}
         )
@@ -58,7 +60,8 @@ async def test_bad_body_is_422_listing_the_fields(tmp_path: Path) -> None:
 
 
 async def test_unknown_kind_id_and_method_are_problems(tmp_path: Path) -> None:
-    """Unknown kind or id: 404 problem; a wrong method: 405 problem with Allow."""
+    """Unknown kind or id: 404 problem; a wrong method: 405 problem whose
+    Allow lists every method of the path."""
     async with built(tmp_path) as b, b.client() as client:
         assert_problem(await client.post("/jobs/nope", json={"n": 1}), 404)
         assert_problem(await client.get("/jobs/square/01-unknown"), 404)
@@ -66,6 +69,10 @@ async def test_unknown_kind_id_and_method_are_problems(tmp_path: Path) -> None:
         wrong = await client.put("/jobs/square", json={"n": 1})
         assert_problem(wrong, 405)
         assert wrong.headers["allow"] == "POST"
+        # GET and DELETE of one path are two routes: Allow lists both.
+        replaced = await client.put("/jobs/square/01-unknown", json={"n": 1})
+        assert_problem(replaced, 405)
+        assert replaced.headers["allow"] == "DELETE, GET"
 
 
 async def test_a_job_of_one_kind_is_not_found_under_another(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from conveyor._time import Clock, seconds
 from conveyor._urls import redact
@@ -737,11 +738,11 @@ def problem_api(
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and not isinstance(exc, _Problem):
             detail = f"no route {request.url.path!r}; see /openapi.json"
-        elif exc.status_code == 405 and not isinstance(exc, _Problem):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and not isinstance(exc, _Problem):
             detail = f"{request.method} is not allowed on {request.url.path!r}"
-        return problem_response(
-            exc.status_code, detail, headers=dict(exc.headers or {}), errors=errors
-        )
+            headers["Allow"] = _allowed(request)
+        return problem_response(exc.status_code, detail, headers=headers, errors=errors)
 
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         errors: list[dict[str, object]] = [
@@ -791,6 +792,17 @@ def problem_api(
 
     api.openapi = openapi  # type: ignore[method-assign]
     return api
+
+
+def _allowed(request: Request) -> str:
+    """Every method of the request's path: Starlette's 405 names only those
+    of the first route on the path, and GET and DELETE are two routes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def _annotate(func: Callable[..., object], param: str, annotation: object) -> None:

@@ -51,7 +51,7 @@ class PlaceOrder(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     sku: str = pydantic.Field(min_length=1, max_length=64)
-    qty: int = pydantic.Field(ge=1, le=100)
+    qty: int = pydantic.Field(ge=1, le=100, strict=True)  # true, 2.0 and "2" are refused
 
 
 class Registration(pydantic.BaseModel):
