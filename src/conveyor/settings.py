@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         default=None, ge=1, le=65535, description="`conveyor worker` serves /metrics here"
     )
     metrics_host: str = "127.0.0.1"
+    metrics: bool = pydantic.Field(
+        default=False, description="the HTTP job API serves /metrics (`conveyor serve --metrics`)"
+    )
     tracing: bool = pydantic.Field(
         default=False, description="OpenTelemetry spans, exported as the OTEL_* variables say"
     )

@@ -181,3 +181,65 @@ async def test_the_metrics_server_answers_metrics_health_and_readiness(tmp_path:
         finally:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
+
+
+async def test_the_job_api_serves_its_metrics(tmp_path: Path) -> None:
+    """``JobAPI(metrics=True)`` answers ``GET /metrics``: each request by its
+    route template and status, jobs accepted and finished by kind, and the
+    jobs the store holds by status."""
+    from tests.http_jobs import build
+
+    b = build(settings_for("bound", tmp_path), metrics=True)
+    async with b.api, b.client() as client:
+        accepted = await client.post("/jobs/square", json={"n": 3})
+        assert accepted.status_code == 202
+        job = accepted.json()["status_url"]
+        async with running(b.app):
+
+            async def done() -> bool:
+                return (await client.get(job)).json()["status"] == "SUCCEEDED"
+
+            await eventually(done, what="the job succeeded")
+        answer = await client.get("/metrics")
+    await b.app.close()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    found = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+    def got(name: str, **labels: str) -> float:
+        return found.get((name, frozenset(labels.items())), 0.0)
+
+    assert got("conveyor_jobs_accepted_total", kind="square") == 1
+    assert got("conveyor_job_duration_seconds_count", kind="square", status="SUCCEEDED") == 1
+    assert got("conveyor_jobs", kind="square", status="SUCCEEDED") == 1
+    assert (
+        got(
+            "conveyor_http_request_duration_seconds_count",
+            route="/jobs/square",
+            method="POST",
+            status="202",
+        )
+        == 1
+    )
+    assert (
+        got(
+            "conveyor_http_request_duration_seconds_count",
+            route="/jobs/square/{job_id}",
+            method="GET",
+            status="200",
+        )
+        >= 1
+    )
+
+
+async def test_a_job_api_without_metrics_has_no_metrics_route(tmp_path: Path) -> None:
+    from tests.http_jobs import build
+
+    b = build(settings_for("bound", tmp_path))
+    async with b.api, b.client() as client:
+        assert (await client.get("/metrics")).status_code == 404
+    await b.app.close()

@@ -176,3 +176,29 @@ async def test_a_traceparent_the_sender_set_is_the_send_spans_parent(tmp_path: P
     assert f"{send.parent.span_id:016x}" == "b7ad6b7169203331"
     assert process.parent is not None
     assert process.parent.span_id == send.context.span_id
+
+
+async def test_a_job_runs_in_the_trace_of_the_request_that_submitted_it(tmp_path: Path) -> None:
+    """``JobAPI(tracing=True)``: the POST is a SERVER span, the job's message
+    is sent in it and handled in its trace."""
+    from tests.http_jobs import build
+
+    b = build(settings_for("bound", tmp_path))
+    exporter = traced(b.app)
+    from conveyor.http import JobAPI
+
+    api = JobAPI(b.jobs, tracing=True, rate_limit=None)
+    b.api = api
+    async with api, b.client() as client:
+        accepted = await client.post("/jobs/square", json={"n": 4})
+        assert accepted.status_code == 202
+        await drained(b.app)
+    await b.app.close()
+    spans = exporter.get_finished_spans()
+    [server] = [s for s in spans if s.kind is SpanKind.SERVER and "POST" in s.name]
+    [send] = named(spans, f"send {b.jobs.kinds['square'].topic}")
+    [process] = named(spans, f"process {b.jobs.kinds['square'].topic}")
+    assert send.context.trace_id == server.context.trace_id
+    assert process.context.trace_id == server.context.trace_id
+    assert process.parent is not None
+    assert process.parent.span_id == send.context.span_id

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 from fastapi import Depends, FastAPI, Header, Request
@@ -53,6 +54,10 @@ from conveyor.http._json import body_problem
 from conveyor.http._keys import ApiKeys
 from conveyor.http.sql_jobs import read_rows
 from conveyor.resilience import Limiter, LoadShedder, RateLimiter, parse_rate
+
+if TYPE_CHECKING:
+    from conveyor.observability.metrics import Metrics
+    from conveyor.runtime import App
 
 __all__ = ["JobAPI", "Problem"]
 
@@ -230,6 +235,40 @@ class _PathGuard:
         await self.app(scope, receive, send)
 
 
+class _Timed:
+    """Tells the app's observers each request's route (its template, never
+    the path: no ids as labels), method, status and duration."""
+
+    def __init__(self, inner: Callable[[Scope, Receive, Send], Awaitable[None]], app: App) -> None:
+        self.inner = inner
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        observers = self.app.observers
+        if scope["type"] != "http" or not observers:
+            await self.inner(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, sent)
+        finally:
+            route = scope.get("route")
+            observers.http_request(
+                route=getattr(route, "path", None) or "unmatched",
+                method=str(scope.get("method", "")),
+                status=status,
+                seconds=time.perf_counter() - started,
+            )
+
+
 class JobAPI:
     """The HTTP job API of ``jobs`` (an ASGI app: serve it with
     ``conveyor serve MODULE:ATTR`` or any ASGI server).
@@ -252,6 +291,12 @@ class JobAPI:
     - ``retry_after``: the ``Retry-After`` seconds of 202 and of pending polls.
     - ``prune_every``: seconds between deletions of expired records (run by
       the server's lifespan, or ``async with api``).
+    - ``metrics``: serve ``GET /metrics`` (Prometheus' text format: this
+      process's requests, accepted jobs, and the queues, jobs and sagas read
+      from the store; needs the prometheus extra). ``tracing``: each request
+      a server span, the jobs it starts in its trace (needs the otel extra).
+      None (default): as the settings say (``CONVEYOR_METRICS``,
+      ``CONVEYOR_TRACING``).
     """
 
     def __init__(
@@ -272,6 +317,8 @@ class JobAPI:
         retry_after: float = 1.0,
         prune_every: float | timedelta = 60.0,
         title: str = "Conveyor jobs",
+        metrics: bool | None = None,
+        tracing: bool | None = None,
     ) -> None:
         if max_body < 1:
             raise ConfigError(f"max_body must be >= 1 byte, got {max_body}")
@@ -313,8 +360,24 @@ class JobAPI:
         self._connected = False
         self._background: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        settings = self.app.settings
+        self.metrics: Metrics | None = None
+        if settings.metrics if metrics is None else metrics:
+            from conveyor.observability.metrics import Metrics
+
+            self.metrics = Metrics(self.app)
         self.asgi = self._build(title)
-        self._entry = _BodyLimit(self.asgi, max_body)
+        entry: Callable[[Scope, Receive, Send], Awaitable[None]] = _Timed(
+            _BodyLimit(self.asgi, max_body), self.app
+        )
+        if settings.tracing if tracing is None else tracing:
+            from conveyor.observability.tracing import Tracing, wrap_asgi
+
+            tracer = next((o for o in self.app.observers.items if isinstance(o, Tracing)), None)
+            if tracer is None:
+                tracer = Tracing(self.app)
+            entry = wrap_asgi(entry, tracer_provider=tracer.provider)
+        self._entry = entry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -455,6 +518,25 @@ class JobAPI:
         if self.jobs.webhooks is not None:
             self._webhook_routes(api, authorized)
 
+        if self.metrics is not None:
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            metrics = self.metrics
+
+            @api.get("/metrics", tags=["health"], response_class=Response)
+            async def metrics_text() -> Response:
+                """Prometheus' text format (see docs/observability.md)."""
+                try:
+                    async with asyncio.timeout(5):
+                        await metrics.refresh()
+                except Exception as exc:
+                    log.warning(
+                        "metrics: reading the queues failed: %s",
+                        redact(f"{type(exc).__name__}: {exc}"),
+                        extra={"event": "conveyor.metrics_refresh_failed"},
+                    )
+                return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
         @api.get("/healthz", tags=["health"])
         async def healthz() -> dict[str, str]:
             """Always 200 while the process serves requests."""
@@ -548,6 +630,8 @@ class JobAPI:
                     with contextlib.suppress(Exception):
                         await store.release_idempotent(owner, idempotency_key)
                 raise
+            if self.app.observers:
+                self.app.observers.job_accepted(name)
             return Response(content, 202, headers=headers, media_type="application/json")
 
         _annotate(submit, "body", kind.model)

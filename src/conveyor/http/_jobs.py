@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack
 
 import pydantic
 
@@ -37,7 +37,7 @@ from conveyor.errors import ConfigError, PermanentError, UnknownEndpoint
 from conveyor.http._json import json_text
 from conveyor.messages import uuid7
 from conveyor.resilience import RetryPolicy
-from conveyor.runtime import App, Context, Session
+from conveyor.runtime import App, Context, HandlerOptions, Session
 
 if TYPE_CHECKING:
     from conveyor.http._webhooks import Webhooks
@@ -344,10 +344,8 @@ class Jobs:
         name: str,
         *,
         ttl: float | timedelta = DEFAULT_TTL,
-        retry: RetryPolicy | None = None,
-        concurrency: int = 1,
-        timeout: float | timedelta | None = None,
         shed_above: int | None = None,
+        **options: Unpack[HandlerOptions],
     ) -> Callable[[Callable[[JobContext, M], Awaitable[object]]], Callable[..., Awaitable[object]]]:
         """Register ``async def run(job: JobContext, body: Model) -> result``.
 
@@ -358,12 +356,17 @@ class Jobs:
         the handler's retry policy; the job is FAILED once it gives up (or on
         ``PermanentError``). ``timeout`` bounds one attempt (a retryable
         failure). ``shed_above``: ``POST`` answers 503 while more than this
-        many messages of the kind wait.
+        many messages of the kind wait. The other options are
+        ``App.handler``'s (``HandlerOptions``: ``concurrency``, ``prefetch``,
+        ``breakers``, ``rate_limit``, ``bulkhead``, ``retry_budget``...), for
+        the handler that runs the kind's jobs.
         """
         if not name or "/" in name:
             raise ConfigError(f"job kind {name!r} must be a non-empty name without '/'")
         if name in self.kinds:
             raise ConfigError(f"job kind {name!r} is registered twice; pick another name")
+        retry = options.pop("retry", None) or RetryPolicy()
+        timeout = options.pop("timeout", None)
         ttl_s = seconds(ttl)
         if ttl_s <= 0:
             raise ConfigError(f"job kind {name!r}: ttl must be > 0, got {ttl_s}")
@@ -377,15 +380,16 @@ class Jobs:
                 model=model,
                 func=func,
                 ttl=ttl_s,
-                retry=retry or RetryPolicy(),
+                retry=retry,
                 timeout=None if timeout is None else seconds(timeout),
                 shed_above=shed_above,
                 summary=(func.__doc__ or "").strip().split("\n")[0],
             )
             self.kinds[name] = kind
-            self.app.handler(
-                kind.topic, group=kind.topic, concurrency=concurrency, retry=kind.retry
-            )(self._handler(kind))
+            # The timeout is the job's own (a failure the job records), not the
+            # handler's, which would end the attempt outside the job.
+            handler_options: HandlerOptions = {**options, "retry": kind.retry}
+            self.app.handler(kind.topic, group=kind.topic, **handler_options)(self._handler(kind))
             return func
 
         return register
@@ -481,6 +485,12 @@ class Jobs:
         )
         if done is not None:
             await self.notify(ctx, done)
+            observers = self.app.observers
+            if observers:
+                took = max(0.0, (done.finished_at or done.updated_at) - done.created_at)
+                ctx.on_commit(
+                    lambda: observers.job_finished(kind.name, status=done.status, seconds=took)
+                )
 
     async def notify(self, session: Session, record: JobRecord) -> None:
         """Queue the webhook of a finished job that has a callback URL (in

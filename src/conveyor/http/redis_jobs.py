@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -258,13 +259,7 @@ class RedisJobStore:
         idempotency: tuple[str, StoredResponse, float] | None = None,
     ) -> None:
         app = self._require_app()
-        message = Message.create(
-            topic,
-            dict(payload),
-            type="conveyor.job",
-            codec=app.codec,
-            max_payload=app.settings.max_payload,
-        )
+        message = app.outbound.build(topic, dict(payload), {"type": "conveyor.job"})
         entry = json.dumps(
             {"envelope": message.envelope(), "payload": base64.b64encode(message.payload).decode()}
         )
@@ -379,10 +374,17 @@ class RedisJobStore:
             messages.append(
                 Message.from_envelope(data["envelope"], base64.b64decode(data["payload"]))
             )
+        started = time.perf_counter()
         try:
             await app.broker.publish(messages)
         except Exception as exc:
+            if app.observers:
+                app.observers.published(
+                    messages, via="relay", seconds=time.perf_counter() - started, error=exc
+                )
             raise BrokerError(f"relay of {len(messages)} job message(s) failed: {exc}") from exc
+        if app.observers:
+            app.observers.published(messages, via="relay", seconds=time.perf_counter() - started)
         await self._call("outbox delete", self.client.zrem(self._outbox, *due))
         return len(messages)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -239,6 +240,7 @@ class SqlJobStore:
         idempotency: tuple[str, StoredResponse, float] | None = None,
     ) -> None:
         app = self.app
+        started = time.perf_counter()
         async with app.store.transaction() as tx:
             session = Session(tx, self._publisher, app.outbound, app.store)
             await session.execute(
@@ -254,7 +256,7 @@ class SqlJobStore:
                     record.updated_at,
                 ),
             )
-            await session.publish(topic, dict(payload), type="conveyor.job")
+            message = await session.publish(topic, dict(payload), type="conveyor.job")
             if idempotency is not None:
                 key, response, keep = idempotency
                 await session.execute(
@@ -262,6 +264,8 @@ class SqlJobStore:
                     "WHERE owner = ? AND idem_key = ?",
                     (response.to_json(), self.clock.time() + keep, record.owner, key),
                 )
+        if app.observers:
+            app.observers.published([message], via="outbox", seconds=time.perf_counter() - started)
 
     async def get(self, job_id: str) -> JobRecord | None:
         rows = await self._read(f"SELECT {_COLUMNS} FROM conveyor_jobs WHERE id = ?", (job_id,))
