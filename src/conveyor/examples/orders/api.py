@@ -27,12 +27,11 @@ from fastapi import Body, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from conveyor import App, Settings
-from conveyor.examples.orders.demo import DEFAULT_STOCK, PRODUCTS
+from conveyor.examples.orders.demo import PRODUCTS, open_shop
 from conveyor.examples.orders.services import (
     TERMINAL,
     Faults,
     create_app,
-    create_schema,
     order_view,
     place_order_in,
     webhooks_of,
@@ -157,18 +156,7 @@ def create_api(app: App, *, prices: dict[str, int] = PRODUCTS) -> FastAPI:
 def main() -> FastAPI:
     """The front with every service in this process, on ``CONVEYOR_*``
     settings (the embedded SQLite default), webhooks to public hosts only."""
-    app = create_app(settings=Settings(), faults=Faults.none(), webhook_allow=[])
-
-    @app.on_connect
-    async def stock(app: App) -> None:
-        await create_schema(app)
-        async with app.transaction() as s:
-            for sku in PRODUCTS:
-                await s.execute(
-                    "INSERT INTO stock (sku, initial, available) VALUES (?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (sku, DEFAULT_STOCK, DEFAULT_STOCK),
-                )
+    app = open_shop(create_app(settings=Settings(), faults=Faults.none(), webhook_allow=[]))
 
     api = create_api(app)
     api.router.lifespan_context = _with_worker(app)

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from conveyor import App, ConfigError, Worker
+from conveyor import App, ConfigError, Session, Worker
 from conveyor.examples.orders.services import (
     CANCELLED,
     DELIVERED,
@@ -39,6 +39,8 @@ from conveyor.settings import load_settings
 __all__ = [
     "DEFAULT_FAULTS",
     "DEFAULT_STOCK",
+    "fill_shelves",
+    "open_shop",
     "DemoReport",
     "Faults",
     "PRODUCTS",
@@ -59,6 +61,31 @@ PRODUCTS = {
 }
 # 300 orders of 1-3 items ask for about 75 of each SKU: some run out.
 DEFAULT_STOCK = 60
+
+
+async def fill_shelves(session: Session, per_sku: int) -> None:
+    """Stock every product with ``per_sku`` units (a product stocked already
+    keeps what it has)."""
+    for sku in sorted(PRODUCTS):
+        await session.execute(
+            "INSERT INTO stock (sku, initial, available) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (sku, per_sku, per_sku),
+        )
+
+
+def open_shop(app: App, per_sku: int = DEFAULT_STOCK) -> App:
+    """Have ``app`` create the shop's tables and stock its shelves whenever
+    it connects; returns ``app``."""
+
+    @app.on_connect
+    async def shop(application: App) -> None:
+        await create_schema(application)
+        async with application.transaction() as s:
+            await fill_shelves(s, per_sku)
+
+    return app
+
+
 # Every fault on: errors, declines, failed shipments and duplicates.
 DEFAULT_FAULTS = Faults()
 _REFRESH = 0.1
@@ -220,11 +247,7 @@ async def run_demo(
                     "use a new database file (SQLite) or namespace (PostgreSQL)"
                 )
             await s.execute("DELETE FROM stock")
-            for sku in sorted(PRODUCTS):
-                await s.execute(
-                    "INSERT INTO stock (sku, initial, available) VALUES (?, ?, ?)",
-                    (sku, stock_per_sku, stock_per_sku),
-                )
+            await fill_shelves(s, stock_per_sku)
         worker = app.worker(grace_period=5.0)
         running = asyncio.create_task(worker.run())
         placing = asyncio.create_task(_place_all(app, orders, faults, random.Random(seed)))

@@ -21,8 +21,8 @@ import os
 from typing import Any
 
 from conveyor import App, Settings
-from conveyor.examples.orders.demo import DEFAULT_STOCK, PRODUCTS
-from conveyor.examples.orders.services import SERVICES, Faults, create_app, create_schema
+from conveyor.examples.orders.demo import DEFAULT_STOCK, open_shop
+from conveyor.examples.orders.services import SERVICES, Faults, create_app
 
 __all__ = ["app", "build", "front"]
 
@@ -34,19 +34,7 @@ def build(services: tuple[str, ...]) -> App:
     built = create_app(
         settings=Settings(), faults=Faults.none(), services=services, webhook_allow=allow
     )
-
-    @built.on_connect
-    async def shop(application: App) -> None:
-        await create_schema(application)
-        async with application.transaction() as s:
-            for sku in PRODUCTS:
-                await s.execute(
-                    "INSERT INTO stock (sku, initial, available) VALUES (?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (sku, stock, stock),
-                )
-
-    return built
+    return open_shop(built, stock)
 
 
 app = build(tuple(s for s in os.environ.get("ORDERS_SERVICES", ",".join(SERVICES)).split(",") if s))
