@@ -57,6 +57,34 @@ class Settings(BaseSettings):
     heartbeat_interval: float = pydantic.Field(
         default=5.0, gt=0, description="seconds between a worker's heartbeats in the store"
     )
+    http_max_header_bytes: int = pydantic.Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="`conveyor serve`: largest request head (line and headers); 431 beyond",
+    )
+    http_max_headers: int = pydantic.Field(
+        default=100, ge=1, le=10_000, description="`conveyor serve`: header fields; 431 beyond"
+    )
+    http_request_timeout: float = pydantic.Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="`conveyor serve`: seconds a request's head and body may take to arrive; 408",
+    )
+    http_keep_alive: int = pydantic.Field(
+        default=5, ge=1, le=3600, description="`conveyor serve`: seconds an idle connection is kept"
+    )
+    http_max_connections: int | None = pydantic.Field(
+        default=1000,
+        ge=1,
+        description="`conveyor serve`: connections and requests at once per process; 503 beyond",
+    )
+    http_unauthenticated_limit: str | None = pydantic.Field(
+        default="10/s",
+        description="JobAPI: requests without a valid API key per client address "
+        "(as '10/s'; 'off' for none); 429 beyond",
+    )
     log_level: str = "INFO"
     log_format: str = pydantic.Field(
         default="text", description="text, or json: one JSON object per log record"
@@ -69,6 +97,19 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @pydantic.field_validator("http_unauthenticated_limit")
+    @classmethod
+    def _known_rate(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "off", "none"):
+            return None
+        from conveyor.resilience import parse_rate
+
+        try:
+            parse_rate(value.strip())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip()
 
     @pydantic.field_validator("log_format")
     @classmethod

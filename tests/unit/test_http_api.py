@@ -192,6 +192,48 @@ async def test_api_keys_are_required_once_one_exists(tmp_path: Path) -> None:
         assert header.status_code == 200
 
 
+async def test_requests_without_a_valid_key_are_rate_limited_per_address(
+    tmp_path: Path,
+) -> None:
+    """Requests with no key or an unknown one share one budget per client
+    address (the App's http_unauthenticated_limit setting by default): 401
+    within it, then 429 + Retry-After; valid keys are not charged, another
+    address has its own budget, and time restores it."""
+    clock = FakeClock()
+    settings = settings_for("bound", tmp_path, http_unauthenticated_limit="3/min")
+    b = build(settings, clock=clock)
+    try:
+        async with b.api:
+            secret = await create_api_key(b.app, "alice")
+
+            def client(address: str, **headers: str) -> httpx.AsyncClient:
+                transport = httpx.ASGITransport(app=b.api, client=(address, 1234))
+                return httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers)
+
+            async with (
+                client("10.0.0.1") as stranger,
+                client("10.0.0.1", authorization=f"Bearer {secret}") as alice,
+                client("10.0.0.2") as neighbour,
+            ):
+                codes = []
+                for i in range(5):
+                    headers = {"X-API-Key": "cvk_guess"} if i % 2 else {}
+                    codes.append(
+                        (await stranger.get("/jobs/square/x", headers=headers)).status_code
+                    )
+                    assert (await alice.post("/jobs/square", json={"n": 1})).status_code == 202
+                assert codes == [401, 401, 401, 429, 429]
+                limited = await stranger.get("/jobs/square/x")
+                assert_problem(limited, 429)
+                assert limited.headers["retry-after"] == "20"
+                assert (await neighbour.get("/jobs/square/x")).status_code == 401
+                clock.advance(20)
+                assert (await stranger.get("/jobs/square/x")).status_code == 401
+    finally:
+        await b.app.close()
+        await b.jobs.store.close()
+
+
 async def test_keys_are_stored_hashed_and_scope_jobs(tmp_path: Path) -> None:
     """Only a SHA-256 of a key is stored; a job is invisible to another key,
     and an Idempotency-Key is scoped per API key."""

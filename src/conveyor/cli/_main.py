@@ -380,6 +380,48 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes.")] = 1,
+    max_header_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest request head, line and headers, in bytes; 431 beyond "
+            "(default: CONVEYOR_HTTP_MAX_HEADER_BYTES, else 16384)."
+        ),
+    ] = None,
+    max_headers: Annotated[
+        int | None,
+        typer.Option(
+            help="Most header fields of a request; 431 beyond "
+            "(default: CONVEYOR_HTTP_MAX_HEADERS, else 100)."
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request's head and body may take to arrive; 408 and "
+            "disconnect beyond (default: CONVEYOR_HTTP_REQUEST_TIMEOUT, else 30)."
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds an idle connection is kept between requests "
+            "(default: CONVEYOR_HTTP_KEEP_ALIVE, else 5)."
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections and requests at once per process; 503 beyond "
+            "(default: CONVEYOR_HTTP_MAX_CONNECTIONS, else 1000)."
+        ),
+    ] = None,
+    unauthenticated_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Requests without a valid API key per client address, as '10/s', or "
+            "'off'; 429 beyond (default: CONVEYOR_HTTP_UNAUTHENTICATED_LIMIT, else 10/s)."
+        ),
+    ] = None,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
@@ -388,9 +430,9 @@ def serve(
 ) -> None:
     """Serve the HTTP job API MODULE:ATTR (a conveyor.http.JobAPI) with uvicorn.
 
-    --broker, --store and the CONVEYOR_* lines of --env-file become
-    environment variables before the module is imported (in every server
-    process), for an App built from the environment. Jobs run in
+    --broker, --store, the limits and the CONVEYOR_* lines of --env-file
+    become environment variables before the module is imported (in every
+    server process), for an App built from the environment. Jobs run in
     `conveyor worker MODULE:APP` processes."""
     _setup_logging(log_level, log_format)
     if env_file is not None:
@@ -401,15 +443,22 @@ def serve(
         for name, value in dotenv_values(env_file).items():
             if name.upper().startswith("CONVEYOR_") and value is not None:
                 os.environ.setdefault(name.upper(), value)
-    for name, value in (
+    given: tuple[tuple[str, object], ...] = (
         ("CONVEYOR_BROKER_URL", broker),
         ("CONVEYOR_STORE_URL", store),
         ("CONVEYOR_LOG_LEVEL", log_level),
         ("CONVEYOR_LOG_FORMAT", log_format),
-    ):
-        if value is not None:
-            os.environ[name] = value
-    load_settings()  # a bad value stops here, in one line
+        ("CONVEYOR_HTTP_MAX_HEADER_BYTES", max_header_bytes),
+        ("CONVEYOR_HTTP_MAX_HEADERS", max_headers),
+        ("CONVEYOR_HTTP_REQUEST_TIMEOUT", request_timeout),
+        ("CONVEYOR_HTTP_KEEP_ALIVE", keep_alive),
+        ("CONVEYOR_HTTP_MAX_CONNECTIONS", max_connections),
+        ("CONVEYOR_HTTP_UNAUTHENTICATED_LIMIT", unauthenticated_limit),
+    )
+    for variable, option in given:
+        if option is not None:
+            os.environ[variable] = str(option)
+    settings = load_settings()  # a bad value stops here, in one line
     from conveyor.http import JobAPI
 
     if ":" not in target:
@@ -417,14 +466,15 @@ def serve(
     api = _import(target, "api")
     if not isinstance(api, JobAPI):
         _fail(f"{target!r} is not a conveyor.http.JobAPI (found {type(api).__name__})")
-    import uvicorn
+    from conveyor.http._serve import serve as run_server
 
     _setup_logging(api.app.settings.log_level, api.app.settings.log_format)
-    uvicorn.run(
+    run_server(
         target if workers > 1 else api,
         host=host,
         port=port,
         workers=workers,
+        settings=settings,
         log_config=None,
         access_log=False,
     )

@@ -20,7 +20,8 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pydantic
 from fastapi import Depends, FastAPI, Header, Request
@@ -148,10 +149,12 @@ _TITLES = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -165,6 +168,16 @@ def problem_response(
     errors: list[dict[str, object]] | None = None,
 ) -> Response:
     """An ``application/problem+json`` response (RFC 9457)."""
+    return JSONResponse(
+        problem_body(status, detail, errors), status, headers=headers, media_type=PROBLEM
+    )
+
+
+def problem_body(
+    status: int, detail: str, errors: list[dict[str, object]] | None = None
+) -> dict[str, object]:
+    """The RFC 9457 body of ``problem_response`` (also written by the server
+    itself, for requests that never reach the app)."""
     body: dict[str, object] = {
         "type": "about:blank",
         "title": _TITLES.get(status, "Error"),
@@ -173,7 +186,7 @@ def problem_response(
     }
     if errors is not None:
         body["errors"] = errors
-    return JSONResponse(body, status, headers=headers, media_type=PROBLEM)
+    return body
 
 
 class _BodyLimit:
@@ -279,6 +292,11 @@ class JobAPI:
     - ``rate_limit``: per key (``"100/s"``, bursts of ``rate_burst``); shared by
       every replica through Redis when ``redis_url`` is given (its
       ``namespace=`` names the limit), else counted per replica. ``None`` turns it off; ``limiter`` overrides both.
+    - ``unauthenticated_limit``: requests without a valid key (missing or
+      unknown; they would be 401) per client address, as ``"10/s"`` with
+      bursts of its count; 429 + ``Retry-After`` beyond. Default: the App's
+      ``http_unauthenticated_limit`` setting (``CONVEYOR_HTTP_UNAUTHENTICATED_LIMIT``,
+      ``"10/s"``); ``None`` turns it off. Shared through Redis like ``rate_limit``.
     - ``max_body``: request body limit in bytes (413 beyond).
     - ``shed_above``: 503 while a kind's queue holds more messages (a kind's
       own ``shed_above`` wins).
@@ -309,6 +327,7 @@ class JobAPI:
         rate_burst: int = 100,
         redis_url: str | None = None,
         limiter: Limiter | None = None,
+        unauthenticated_limit: str | EllipsisType | None = ...,
         max_body: int = MiB,
         shed_above: int | None = None,
         idempotency_keep: float | timedelta = timedelta(hours=24),
@@ -340,22 +359,17 @@ class JobAPI:
             rate, per = parse_rate(rate_limit)
             self._policy = f'"default";q={max(1, round(rate))};w={max(1, round(per))}'
             if limiter is None:
-                if redis_url is not None:
-                    from conveyor._redis import RedisConfig
-                    from conveyor._redis import client as redis_client
-                    from conveyor.resilience.redis_limiter import RedisRateLimiter
-
-                    config = RedisConfig(redis_url)
-                    self._limiter = RedisRateLimiter(
-                        redis_client(config),
-                        f"conveyor-http:{config.namespace}",
-                        rate,
-                        per,
-                        burst=rate_burst,
-                        clock=jobs.clock,
-                    )
-                else:
-                    self._limiter = RateLimiter(rate, per, burst=rate_burst, clock=jobs.clock)
+                self._limiter = self._rate_limiter(
+                    "conveyor-http", rate_limit, rate_burst, redis_url
+                )
+        if unauthenticated_limit is ...:
+            unauthenticated_limit = jobs.app.settings.http_unauthenticated_limit
+        self._anonymous: Limiter | None = None
+        if unauthenticated_limit is not None:
+            count, _ = parse_rate(unauthenticated_limit)
+            self._anonymous = self._rate_limiter(
+                "conveyor-http-anonymous", unauthenticated_limit, max(1, round(count)), redis_url
+            )
         self._shedders: dict[str, LoadShedder] = {}
         self._connected = False
         self._background: asyncio.Task[None] | None = None
@@ -381,6 +395,27 @@ class JobAPI:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
+
+    def _rate_limiter(self, name: str, spec: str, burst: int, redis_url: str | None) -> Limiter:
+        """A limiter of ``spec`` permits: shared through Redis when
+        ``redis_url`` is given (its ``namespace=`` names the limit), else
+        this replica's own."""
+        rate, per = parse_rate(spec)
+        if redis_url is None:
+            return RateLimiter(rate, per, burst=burst, clock=self.clock)
+        from conveyor._redis import RedisConfig
+        from conveyor._redis import client as redis_client
+        from conveyor.resilience.redis_limiter import RedisRateLimiter
+
+        config = RedisConfig(redis_url)
+        return RedisRateLimiter(
+            redis_client(config),
+            f"{name}:{config.namespace}",
+            rate,
+            per,
+            burst=burst,
+            clock=self.clock,
+        )
 
     async def connect(self) -> None:
         """Connect the App (its store creates the job tables) and the key table."""
@@ -447,17 +482,34 @@ class JobAPI:
             key = await self.keys.authenticate(secret)
             if key is not None:
                 return key.name
-            raise _Problem(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+            await self._unauthenticated(request, "unknown API key")
         required = self.require_api_key
         if required is None:
             required = await self.keys.any()
         if required:
-            raise _Problem(
-                401,
+            await self._unauthenticated(
+                request,
                 "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'",
-                headers={"WWW-Authenticate": "Bearer"},
             )
         return ""
+
+    async def _unauthenticated(self, request: Request, detail: str) -> NoReturn:
+        """401, or 429 once the client's address is past the limit of
+        requests without a valid key (guessing keys, or a client that never
+        sends one, costs it its budget, not the server's)."""
+        if self._anonymous is not None:
+            address = request.client.host if request.client is not None else "-"
+            try:
+                await self._anonymous.acquire(key=address, timeout=0)
+            except RateLimited as exc:
+                wait = max(1, math.ceil(exc.retry_after))
+                raise _Problem(
+                    429,
+                    f"too many requests without a valid API key from this address; "
+                    f"retry in {wait}s",
+                    headers={"Retry-After": str(wait)},
+                ) from None
+        raise _Problem(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
     async def _limit(self, owner: str) -> None:
         if self._limiter is None:
