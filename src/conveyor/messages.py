@@ -139,6 +139,11 @@ class JsonCodec:
         except (ValueError, pydantic.ValidationError) as exc:
             name = getattr(into, "__name__", str(into))
             raise DecodeError(f"payload is not a valid {name}: {_short(exc)}") from exc
+        except RecursionError:
+            # json.loads recurses per level: a hostile payload is permanent,
+            # not a crash of the handler (retried as if it were transient).
+            name = getattr(into, "__name__", str(into))
+            raise DecodeError(f"payload is not a valid {name}: nested too deeply") from None
         if into in (dict, list, str, int, float) and not isinstance(value, into):
             raise DecodeError(f"payload is {type(value).__name__}, expected {into.__name__}")
         return cast(T, value)

@@ -89,6 +89,20 @@ def test_decode_errors_are_permanent_decode_errors() -> None:
         Message.create("t", [1, 2]).decode(dict)
 
 
+def test_payloads_nested_too_deeply_are_decode_and_message_errors() -> None:
+    """100,000 levels of nesting: DecodeError on decode (for any type) and
+    MessageError on encode, never a RecursionError."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for into in (dict, list, object, Order):
+        with pytest.raises(DecodeError, match="not a valid"):
+            Message(topic="t", payload=deep).decode(into)
+    value: list[object] = []
+    for _ in range(100_000):
+        value = [value]
+    with pytest.raises(MessageError, match="cannot encode"):
+        Message.create("t", value)
+
+
 def test_caused_message_carries_correlation_and_causation() -> None:
     """A message caused by another keeps its correlation id, points back to
     it, and gets a traceparent of its own in the cause's trace."""
