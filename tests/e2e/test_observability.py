@@ -28,6 +28,8 @@ from tests.webhook_receiver import Receiver as WebhookReceiver
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # OTLP's SpanKind values
 
 
@@ -207,13 +209,16 @@ async def _place_and_follow(url: str, hooks: WebhookReceiver) -> str:
 
 
 async def test_prometheus_sees_the_order_system_work(tmp_path: Path) -> None:
-    """A real Prometheus scrapes two worker processes (``--metrics-port``):
-    the orders placed through the front show as applied messages and
-    completed sagas, the queues drain to zero, and a malformed command
-    written to a queue shows as one dead letter and a dead queue entry."""
+    """A real Prometheus scrapes two order worker processes (``--metrics-port``)
+    and ``conveyor serve --metrics --workers 2``: the orders placed through
+    the front show as applied messages and completed sagas, the queues drain
+    to zero, a malformed command written to a queue shows as one dead letter
+    and a dead queue entry, and the jobs posted to either server process
+    are counted once in every scrape (multiprocess mode)."""
     broker = namespaced(REDIS_URL, prefix="prom")
     store = f"sqlite:///{tmp_path / 'orders.db'}"
-    port, metrics = _free_port(), [_free_port(), _free_port()]
+    port, metrics = _free_port(), [_free_port(), _free_port(), _free_port()]
+    api_port = _free_port()
     common = {
         "CONVEYOR_BROKER_URL": broker,
         "CONVEYOR_STORE_URL": store,
@@ -230,13 +235,44 @@ async def test_prometheus_sees_the_order_system_work(tmp_path: Path) -> None:
             [*worker, "--metrics-port", str(metrics[1])],
             {**common, "ORDERS_SERVICES": "payment,shipping"},
         ),
+        (
+            [
+                sys.executable,
+                "-m",
+                "conveyor",
+                "worker",
+                "tests.e2e.metrics_jobs_app:app",
+                "--metrics-port",
+                str(metrics[2]),
+            ],
+            {**common, "PYTHONPATH": str(ROOT)},
+        ),
+        (
+            [
+                sys.executable,
+                "-m",
+                "conveyor",
+                "serve",
+                "tests.e2e.metrics_jobs_app:api",
+                "--port",
+                str(api_port),
+                "--workers",
+                "2",
+                "--metrics",
+            ],
+            {**common, "PYTHONPATH": str(ROOT)},
+        ),
     ]
-    orders = 5
+    orders, submitted = 5, 6
     try:
         with (
             processes(specs, tmp_path),
             Prometheus(
-                tmp_path / "prometheus", {"workers": [f"127.0.0.1:{p}" for p in metrics]}
+                tmp_path / "prometheus",
+                {
+                    "workers": [f"127.0.0.1:{p}" for p in metrics],
+                    "api": [f"127.0.0.1:{api_port}"],
+                },
             ) as prom,
         ):
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
@@ -248,6 +284,16 @@ async def test_prometheus_sees_the_order_system_work(tmp_path: Path) -> None:
                     ids.append(placed.json()["id"])
                 for order_id in ids:
                     await _until_state(http, order_id, "DELIVERED")
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{api_port}", timeout=10
+            ) as jobs:
+                await _until_healthy(jobs)
+                for n in range(submitted):
+                    # a new connection each: the two server processes share them
+                    accepted = await jobs.post(
+                        "/jobs/double", json={"n": n}, headers={"Connection": "close"}
+                    )
+                    assert accepted.status_code == 202, accepted.text
             producer = App("garbage", settings=Settings(broker_url=broker, store_url=store))
             async with producer:
                 await producer.publish("inventory.reserve", {"not": "an order"})
@@ -261,7 +307,11 @@ async def test_prometheus_sees_the_order_system_work(tmp_path: Path) -> None:
             await _until(
                 prom, 'sum(max by (topic, group) (conveyor_queue_messages{state="ready"}))', 0.0
             )
-            await _until(prom, "count(up == 1)", 2.0)
+            await _until(prom, "count(up == 1)", 4.0)
+            await _until(prom, 'sum(conveyor_jobs_accepted_total{job="api"})', float(submitted))
+            await _until(
+                prom, 'max(conveyor_jobs{kind="double",status="SUCCEEDED"})', float(submitted)
+            )
             applied = prom.value(
                 'sum(conveyor_messages_processed_total{topic="shipping.deliver",outcome="applied"})'
             )

@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -422,6 +423,21 @@ def serve(
             "'off'; 429 beyond (default: CONVEYOR_HTTP_UNAUTHENTICATED_LIMIT, else 10/s)."
         ),
     ] = None,
+    metrics: Annotated[
+        bool | None,
+        typer.Option(
+            "--metrics/--no-metrics",
+            help="Serve /metrics beside the API (CONVEYOR_METRICS); --workers share "
+            "their counts through prometheus-client's multiprocess mode.",
+        ),
+    ] = None,
+    tracing: Annotated[
+        bool | None,
+        typer.Option(
+            "--tracing/--no-tracing",
+            help="Requests as server spans, exported as OTEL_* says (CONVEYOR_TRACING).",
+        ),
+    ] = None,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
@@ -454,11 +470,27 @@ def serve(
         ("CONVEYOR_HTTP_KEEP_ALIVE", keep_alive),
         ("CONVEYOR_HTTP_MAX_CONNECTIONS", max_connections),
         ("CONVEYOR_HTTP_UNAUTHENTICATED_LIMIT", unauthenticated_limit),
+        ("CONVEYOR_METRICS", metrics),
+        ("CONVEYOR_TRACING", tracing),
     )
     for variable, option in given:
         if option is not None:
             os.environ[variable] = str(option)
     settings = load_settings()  # a bad value stops here, in one line
+    shared = None
+    if settings.metrics and workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Several processes behind one port: a scrape reaches any one of
+        # them, so they keep their counts in files every one of them reads.
+        shared = tempfile.mkdtemp(prefix="conveyor-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+    try:
+        _serve(target, host=host, port=port, workers=workers, settings=settings)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _serve(target: str, *, host: str, port: int, workers: int, settings: Settings) -> None:
     from conveyor.http import JobAPI
 
     if ":" not in target:
