@@ -505,7 +505,7 @@ class JobAPI:
                 wait = max(1, math.ceil(exc.retry_after))
                 raise _Problem(
                     429,
-                    f"too many requests without a valid API key from this address; "
+                    "too many requests without a valid API key from this address; "
                     f"retry in {wait}s",
                     headers={"Retry-After": str(wait)},
                 ) from None
@@ -598,7 +598,7 @@ class JobAPI:
         async def readyz() -> dict[str, str]:
             """200 when the broker, the store and the job store answer, else 503."""
             checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
-                ("the connection to the broker and stores", self.connect),
+                ("connecting to the broker and stores", self.connect),
                 ("the store", lambda: read_rows(self.app.store, "SELECT 1")),
                 ("the broker", self.app.broker.stats),
                 ("the job store", self.jobs.store.ping),
@@ -617,7 +617,7 @@ class JobAPI:
                     )
                     raise _Problem(
                         503,
-                        f"not ready: {what} does not answer ({type(exc).__name__})",
+                        f"not ready: {what} failed ({type(exc).__name__})",
                         headers={"Retry-After": str(self.retry_after)},
                     ) from None
             return {"status": "ready"}
@@ -865,8 +865,10 @@ def problem_api(
     """A FastAPI app whose every error is an RFC 9457 problem body (also in
     its OpenAPI schema): unknown routes and methods, invalid requests (422
     with the fields), ``ConfigError``/``WebhookError`` (422),
-    ``UnknownEndpoint`` (404), ``PayloadTooLarge`` (413) and any other
-    ``ConveyorError`` (503 with ``Retry-After``). The job API is built on it; so can your own routes."""
+    ``UnknownEndpoint`` (404), ``PayloadTooLarge`` (413), any other
+    ``ConveyorError`` (503 with ``Retry-After``, naming only the error's
+    kind), any other exception (500), and a path with a control character
+    (404). The job API is built on it; so can your own routes."""
     api = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
