@@ -519,6 +519,10 @@ app.add_typer(keys_cli, name="keys")
 @keys_cli.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="The key's name (owner of its jobs).")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="jobs (default), admin:read or admin:write; repeatable."),
+    ] = None,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
@@ -532,7 +536,7 @@ def keys_create(
 
     async def go() -> str:
         async with App("cli", settings=settings) as application:
-            return await ApiKeys(application).create(name)
+            return await ApiKeys(application).create(name, scopes=scope or ("jobs",))
 
     console.print(_run(go), soft_wrap=True)
 
@@ -560,7 +564,9 @@ def keys_list(
         keys = _run(go)
     if as_json:
         for key in keys:
-            _print_json({"name": key.name, "created_at": key.created_at})
+            _print_json(
+                {"name": key.name, "created_at": key.created_at, "scopes": sorted(key.scopes)}
+            )
         return
     if not keys:
         console.print(styled("no API keys", "dim"))
@@ -568,8 +574,9 @@ def keys_list(
     table = Table(title=f"API keys ({len(keys)})")
     table.add_column("name")
     table.add_column("created")
+    table.add_column("scopes")
     for key in keys:
-        table.add_row(key.name, when(key.created_at))
+        table.add_row(key.name, when(key.created_at), " ".join(sorted(key.scopes)))
     console.print(table)
 
 

@@ -147,6 +147,7 @@ class _Problem(HTTPException):
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -480,6 +481,8 @@ class JobAPI:
         secret = secret or request.headers.get("x-api-key")
         if secret:
             key = await self.keys.authenticate(secret)
+            if key is not None and not key.allows("jobs"):
+                raise _Problem(403, f"API key {key.name!r} has no 'jobs' scope")
             if key is not None:
                 return key.name
             await self._unauthenticated(request, "unknown API key")

@@ -1,0 +1,94 @@
+"""API key scopes and the audit log, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conveyor import App, Settings
+from conveyor.errors import ConfigError
+from conveyor.http import ApiKeys
+from conveyor.http._audit import AuditLog
+from tests.namespaces import drop_all
+from tests.servers import POSTGRES_URL, namespaced
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[App]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'keys.db'}"
+    else:
+        url = namespaced(POSTGRES_URL, "keys")
+    application = App("keys", settings=Settings(broker_url=url, store_url=url))
+    try:
+        async with application:
+            yield application
+    finally:
+        await drop_all([url])
+
+
+async def test_scopes_are_stored_and_checked(app: App) -> None:
+    """A key holds the scopes it was made with; admin:write implies admin:read."""
+    keys = ApiKeys(app)
+    reader = await keys.create("reader", scopes=["admin:read"])
+    writer = await keys.create("writer", scopes=["admin:write", "jobs"])
+    plain = await keys.create("plain")
+    r, w, p = [await keys.authenticate(s) for s in (reader, writer, plain)]
+    assert r is not None
+    assert w is not None
+    assert p is not None
+    assert r.scopes == {"admin:read"}
+    assert not r.allows("admin:write")
+    assert not r.allows("jobs")
+    assert w.allows("admin:read")
+    assert w.allows("admin:write")
+    assert w.allows("jobs")
+    assert p.scopes == {"jobs"}
+    assert not p.allows("admin:read")
+    assert {k.name: set(k.scopes) for k in await keys.list()}["writer"] == {"admin:write", "jobs"}
+    with pytest.raises(ConfigError, match="scope"):
+        await keys.create("bad", scopes=["root"])
+
+
+async def test_the_audit_log_pages_newest_first(app: App) -> None:
+    """Entries written in a transaction come back newest first, a page at a
+    time, and a batch count adds to its entry."""
+    log = AuditLog(app.store)
+    await log.ensure()
+    ids = []
+    async with app.store.transaction() as tx:
+        for n in range(5):
+            ids.append(
+                await log.record(tx, actor="ops", action="replay", target={"n": n}, affected=n)
+            )
+        await log.add(tx, ids[0], 10)
+    first = await log.entries(limit=3)
+    assert [e.target["n"] for e in first] == [4, 3, 2]
+    rest = await log.entries(limit=3, before=first[-1].id)
+    assert [(e.target["n"], e.affected) for e in rest] == [(1, 1), (0, 10)]
+    assert await log.entries(actor="nobody") == []
+
+
+async def test_a_table_from_before_scopes_gets_the_column_and_keeps_jobs(
+    tmp_path: Path,
+) -> None:
+    """An existing key table without the scopes column is altered once; its
+    keys keep the jobs scope."""
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    async with App("old", settings=Settings(broker_url=url, store_url=url)) as application:
+        secret = await ApiKeys(application).create("old")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE k2 AS SELECT name, key_hash, created_at, revoked_at FROM conveyor_api_keys;"
+        "DROP TABLE conveyor_api_keys; ALTER TABLE k2 RENAME TO conveyor_api_keys;"
+    )
+    conn.close()
+    for _ in range(2):  # a second start finds the column there
+        async with App("old", settings=Settings(broker_url=url, store_url=url)) as application:
+            key = await ApiKeys(application).authenticate(secret)
+            assert key is not None
+            assert key.scopes == {"jobs"}
