@@ -22,6 +22,7 @@ from conveyor.sagas import (
     rebuild,
 )
 from conveyor.sagas._tables import create_tables
+from conveyor.sagas._timeline import StepSpan, spans
 from conveyor.store import Store, store_from_url
 
 __all__ = [
@@ -52,18 +53,6 @@ class SagaView:
     @property
     def consistent(self) -> bool:
         return rebuild(self.record.id, self.events) == self.record
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepSpan:
-    """How long one phase of one step took, from its first request to its outcome."""
-
-    step: str
-    phase: str
-    sent_at: float
-    ended_at: float | None
-    outcome: str
-    requests: int
 
 
 def parse_states(values: Sequence[str]) -> list[str]:
@@ -260,42 +249,6 @@ def timeline_table(view: SagaView) -> Table:
             _details(e),
         )
     return table
-
-
-def spans(events: Sequence[SagaEvent]) -> list[StepSpan]:
-    """Per step and phase, in the order they began: the first request, the
-    outcome and how many requests it took (resends and retries included)."""
-    order: list[tuple[str, str]] = []
-    first: dict[tuple[str, str], float] = {}
-    ended: dict[tuple[str, str], tuple[float, str]] = {}
-    requests: dict[tuple[str, str], int] = {}
-    for e in events:
-        if e.type == "sent":
-            key = (e.step, str(e.detail.get("phase", "")))
-            if key not in first:
-                order.append(key)
-                first[key] = e.at
-            requests[key] = requests.get(key, 0) + 1
-            continue
-        outcome = {
-            "succeeded": ("action", "succeeded"),
-            "failed": ("action", "timed out" if e.detail.get("timed_out") else "failed"),
-            "compensated": ("compensation", "compensated"),
-            "saga_failed": ("compensation", "gave up"),
-        }.get(e.type)
-        if outcome is not None:
-            ended[(e.step, outcome[0])] = (e.at, outcome[1])
-    return [
-        StepSpan(
-            step=step,
-            phase=phase,
-            sent_at=first[(step, phase)],
-            ended_at=ended[(step, phase)][0] if (step, phase) in ended else None,
-            outcome=ended[(step, phase)][1] if (step, phase) in ended else "waiting",
-            requests=requests[(step, phase)],
-        )
-        for step, phase in order
-    ]
 
 
 def spans_table(view: SagaView) -> Table:

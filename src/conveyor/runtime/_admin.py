@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from conveyor.brokers._protocol import TransactionalBroker
 from conveyor.messages import Message
 from conveyor.runtime._app import App
-from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord
+from conveyor.store._protocol import DeadLetterFilter, DeadLetterRecord, Transaction
 
 __all__ = [
     "QueueRow",
@@ -64,8 +64,44 @@ async def iter_dead_letters(
         after = page[-1].id
 
 
+Keep = Callable[[DeadLetterRecord], bool]
+"""Which of the matching dead letters to act on (a test ``where`` cannot
+express, such as a traceback frame); None: all of them."""
+Batch = Callable[[Transaction, Sequence[DeadLetterRecord]], Awaitable[None]]
+"""Called in each batch's transaction with the records it removes (the
+console writes its audit entry there)."""
+
+
+async def _batches(
+    app: App, where: DeadLetterFilter | None, limit: int | None, keep: Keep | None
+) -> AsyncIterator[list[DeadLetterRecord]]:
+    """Matching dead letters a batch at a time, at most ``limit`` of them and
+    at most what matched when it began: a message that dies again while a
+    replay runs is a new dead letter, not one to replay round and round."""
+    store = app.store
+    total = await store.dead_letter_count(where)
+    cap = total if limit is None else min(limit, total)
+    done, scanned, after = 0, 0, 0
+    while done < cap and scanned < total:
+        size = min(_BATCH, total - scanned) if keep is not None else min(_BATCH, cap - done)
+        page = await store.dead_letters(where, limit=size, after=after)
+        if not page:
+            return
+        scanned += len(page)
+        after = page[-1].id
+        chosen = [r for r in page if keep is None or keep(r)][: cap - done]
+        if chosen:
+            done += len(chosen)
+            yield chosen
+
+
 async def replay_dead_letters(
-    app: App, where: DeadLetterFilter, *, limit: int | None = None
+    app: App,
+    where: DeadLetterFilter | None,
+    *,
+    limit: int | None = None,
+    keep: Keep | None = None,
+    each_batch: Batch | None = None,
 ) -> int:
     """Send matching dead letters back to their group, keeping their message
     ids, so the inbox still refuses anything the group already applied. Each
@@ -74,15 +110,8 @@ async def replay_dead_letters(
     await app.connect()
     broker, store = app.broker, app.store
     binding = broker.bind(store) if isinstance(broker, TransactionalBroker) else None
-    # At most what matches now: a message that dies again while the replay
-    # runs is a new dead letter, not one to replay round and round.
-    total = await store.dead_letter_count(where)
-    limit = total if limit is None else min(limit, total)
-    done, after = 0, 0
-    while done < limit:
-        page = await store.dead_letters(where, limit=min(_BATCH, limit - done), after=after)
-        if not page:
-            break
+    done = 0
+    async for page in _batches(app, where, limit, keep):
         by_group: dict[str, list[Message]] = {}
         for record in page:
             by_group.setdefault(record.group, []).append(record.message.with_attempt(0))
@@ -92,6 +121,8 @@ async def replay_dead_letters(
                 for group, messages in by_group.items():
                     await binding.enqueue(tx, group, messages)
                 await store.delete_dead_letters(tx, ids)
+                if each_batch is not None:
+                    await each_batch(tx, page)
         else:
             # Enqueue first: a crash in between leaves a duplicate the inbox
             # absorbs, never a lost message.
@@ -99,23 +130,28 @@ async def replay_dead_letters(
                 await broker.enqueue(group, messages)
             async with store.transaction() as tx:
                 await store.delete_dead_letters(tx, ids)
+                if each_batch is not None:
+                    await each_batch(tx, page)
         done += len(page)
-        after = page[-1].id
     return done
 
 
-async def purge_dead_letters(app: App, where: DeadLetterFilter) -> int:
+async def purge_dead_letters(
+    app: App,
+    where: DeadLetterFilter | None,
+    *,
+    limit: int | None = None,
+    keep: Keep | None = None,
+    each_batch: Batch | None = None,
+) -> int:
     """Delete matching dead letters for good, a batch at a time; returns how many."""
     await app.connect()
     store = app.store
-    left = await store.dead_letter_count(where)
-    done, after = 0, 0
-    while left > 0:
-        page = await store.dead_letters(where, limit=min(_BATCH, left), after=after)
-        if not page:
-            break
+    done = 0
+    async for page in _batches(app, where, limit, keep):
         async with store.transaction() as tx:
-            done += await store.delete_dead_letters(tx, [r.id for r in page])
-        left -= len(page)
-        after = page[-1].id
+            deleted = await store.delete_dead_letters(tx, [r.id for r in page])
+            if each_batch is not None:
+                await each_batch(tx, page)
+        done += deleted
     return done

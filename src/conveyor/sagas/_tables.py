@@ -14,10 +14,12 @@ __all__ = [
     "SCHEMA",
     "create_tables",
     "due_sagas",
+    "find_sagas",
     "insert_saga",
     "list_sagas",
     "load_events",
     "load_saga",
+    "read_saga",
     "save_saga",
 ]
 
@@ -227,3 +229,62 @@ async def list_sagas(
         await create_tables(tx)
         rows = await tx.fetchall(sql, [*params, limit])
     return [_record(r) for r in rows]
+
+
+async def find_sagas(
+    store: Store,
+    *,
+    states: Sequence[str] = (),
+    name: str | None = None,
+    created_before: float | None = None,
+    stuck_at: float | None = None,
+    limit: int = 100,
+    after: tuple[float, str] | None = None,
+) -> list[SagaRecord]:
+    """Sagas newest first, a page at a time: ``after`` is the (created_at,
+    id) of the last one of the previous page. ``stuck_at``: only active sagas
+    whose awaited reply's deadline is before it (past their step's timeout)."""
+    where: list[str] = []
+    params: list[object] = []
+    if states:
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(states)
+    if name:
+        where.append("name = ?")
+        params.append(name)
+    if created_before is not None:
+        where.append("created_at < ?")
+        params.append(created_before)
+    if stuck_at is not None:
+        where.append(
+            "state IN ('RUNNING', 'COMPENSATING') AND deadline IS NOT NULL AND deadline < ?"
+        )
+        params.append(stuck_at)
+    if after is not None:
+        where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        params.extend([after[0], after[0], after[1]])
+    sql = f"SELECT {_COLUMNS} FROM conveyor_sagas"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    try:
+        rows = await store.read(sql, [*params, limit])
+    except Exception:
+        return []  # no saga yet: the tables do not exist
+    return [_record(r) for r in rows]
+
+
+async def read_saga(store: Store, saga_id: str) -> tuple[SagaRecord, list[SagaEvent]] | None:
+    """One saga and its history from committed rows (no write lock); None if unknown."""
+    try:
+        rows = await store.read(f"SELECT {_COLUMNS} FROM conveyor_sagas WHERE id = ?", [saga_id])
+    except Exception:
+        return None
+    if not rows:
+        return None
+    events = await store.read(
+        "SELECT seq, type, step, at, detail FROM conveyor_saga_events WHERE saga_id = ? "
+        "ORDER BY seq",
+        [saga_id],
+    )
+    return _record(rows[0]), [_event(r) for r in events]
