@@ -4,7 +4,10 @@ ASGI app (``JobAPI``). See docs/http.md."""
 from conveyor._drivers import missing_extra
 
 try:
+    from conveyor.http._admin import AdminAPI
     from conveyor.http._app import JobAPI, Problem, problem_api, problem_response
+    from conveyor.http._audit import AuditEntry, AuditLog
+    from conveyor.http._console import BusinessKey, Console, Selection, Story
     from conveyor.http._jobs import (
         CANCELLED,
         FAILED,
@@ -26,9 +29,14 @@ except ModuleNotFoundError as exc:
     raise missing_extra(exc, "conveyor.http", "http") from None
 
 __all__ = [
+    "AdminAPI",
     "ApiKey",
     "ApiKeys",
+    "AuditEntry",
+    "AuditLog",
+    "BusinessKey",
     "CANCELLED",
+    "Console",
     "DeliveryAttempt",
     "Endpoint",
     "FAILED",
@@ -43,7 +51,9 @@ __all__ = [
     "Problem",
     "RUNNING",
     "SUCCEEDED",
+    "Selection",
     "StoredResponse",
+    "Story",
     "Webhooks",
     "create_api_key",
     "problem_api",

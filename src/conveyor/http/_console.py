@@ -417,6 +417,11 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _short(error_type: str) -> str:
+    """An error type without its module (``ProviderTimeout``)."""
+    return error_type.rsplit(".", 1)[-1]
+
+
 def _clock_time(at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at))
 
@@ -1204,9 +1209,9 @@ def _verdict(story: Story, now: float) -> str:
             parts.append(f"{attempts} attempt{'s' if attempts != 1 else ''}")
         last_error = next((m.last_error for m in reversed(on_topic) if m.last_error), "")
         if dead:
-            parts.append(f"dead-lettered ({dead[-1].error_type or dead[-1].reason})")
+            parts.append(f"dead-lettered ({_short(dead[-1].error_type) or dead[-1].reason})")
         elif last_error:
-            parts.append(f"last error {last_error}")
+            parts.append(f"last error {_short(last_error)}")
         if s.stuck:
             parts.append("past its deadline")
         for b in story.breakers:
@@ -1223,7 +1228,7 @@ def _verdict(story: Story, now: float) -> str:
         d = story.dead_letters[-1]
         return (
             f"dead in {d.topic} (group {d.group}) after {d.attempts} attempts: "
-            f"{d.error_type or d.reason}"
+            f"{_short(d.error_type) or d.reason}"
         )
     if story.job is not None:
         j = story.job
@@ -1232,7 +1237,7 @@ def _verdict(story: Story, now: float) -> str:
     if story.messages:
         m = story.messages[-1]
         where = f" by {', '.join(m.groups)}" if m.groups else ""
-        error = f", last error {m.last_error}" if m.last_error else ""
+        error = f", last error {_short(m.last_error)}" if m.last_error else ""
         return f"message on {m.topic}: {m.last_event}{where}, {m.attempts} attempts{error}"
     return f"nothing is known of {story.query!r} (unknown, or older than the journal keeps)"
 

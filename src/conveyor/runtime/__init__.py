@@ -10,6 +10,7 @@ from conveyor.runtime._admin import (
 from conveyor.runtime._app import App
 from conveyor.runtime._context import Context, Middleware, PublishOptions, Session
 from conveyor.runtime._handlers import HandlerOptions
+from conveyor.runtime._journal import Journal
 from conveyor.runtime._observe import DeadLettered, Observer, Settlement
 from conveyor.runtime._worker import Worker
 
@@ -18,6 +19,7 @@ __all__ = [
     "Context",
     "DeadLettered",
     "HandlerOptions",
+    "Journal",
     "Middleware",
     "Observer",
     "PublishOptions",
