@@ -1187,3 +1187,48 @@ def bench_observability(
     )
     if output is not None:
         output.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
+def dashboard(
+    target: Annotated[
+        str,
+        typer.Argument(help="MODULE:ATTR: an App, or a conveyor.http Console or Dashboard."),
+    ],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8080,
+    trace_link: Annotated[
+        str | None,
+        typer.Option(help="Trace UI URL with {trace_id} (e.g. Jaeger's /trace/{trace_id})."),
+    ] = None,
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """Serve the operations console (pages under /console, the admin API
+    under /admin) for the app MODULE:ATTR, on the broker and store it uses.
+    Its workers record what the story of an id shows when they run a
+    conveyor.runtime.Journal."""
+    _setup_logging(log_level, log_format)
+    from conveyor.http import AdminAPI, Console, Dashboard
+
+    obj = _import(target, "app")
+    if isinstance(obj, App):
+        overrides = {"broker_url": broker, "store_url": store}
+        if env_file is not None or any(v is not None for v in overrides.values()):
+            base = obj.settings.model_dump()
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            obj.settings = load_settings(env_file, **base)
+        obj = Console(obj, trace_link=trace_link)
+    if isinstance(obj, Console):
+        obj = Dashboard(AdminAPI(obj))
+    if not isinstance(obj, Dashboard):
+        _fail(f"{target!r} is not an App, Console or Dashboard (found {type(obj).__name__})")
+    import uvicorn
+
+    settings = obj.console.app.settings
+    _setup_logging(settings.log_level, settings.log_format)
+    console.print(f"console on http://{host}:{port}/console/", soft_wrap=True)
+    uvicorn.run(obj, host=host, port=port, log_config=None, access_log=False)

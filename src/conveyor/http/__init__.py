@@ -8,6 +8,7 @@ try:
     from conveyor.http._app import JobAPI, Problem, problem_api, problem_response
     from conveyor.http._audit import AuditEntry, AuditLog
     from conveyor.http._console import BusinessKey, Console, Selection, Story
+    from conveyor.http._dashboard import Dashboard
     from conveyor.http._jobs import (
         CANCELLED,
         FAILED,
@@ -37,6 +38,7 @@ __all__ = [
     "BusinessKey",
     "CANCELLED",
     "Console",
+    "Dashboard",
     "DeliveryAttempt",
     "Endpoint",
     "FAILED",

@@ -526,6 +526,34 @@ class Console:
             )
         return out
 
+    async def sparklines(self, *, minutes: int = 15) -> dict[tuple[str, str], list[int]]:
+        """Messages handled per minute and queue over the last ``minutes``
+        (oldest first), from the journal."""
+        await self.connect()
+        start = self.clock.time() - minutes * 60
+        out: dict[tuple[str, str], list[int]] = {}
+        for topic, group, bucket, count in await self.store.read(
+            "SELECT topic, grp, CAST((at - ?) / 60 AS INTEGER), COUNT(*) FROM conveyor_journal "
+            "WHERE at >= ? AND event IN ('applied', 'duplicate') "
+            "GROUP BY topic, grp, CAST((at - ?) / 60 AS INTEGER)",
+            (start, start, start),
+        ):
+            line = out.setdefault((str(topic), str(group)), [0] * minutes)
+            index = min(max(int(bucket), 0), minutes - 1)
+            line[index] += int(count)
+        return out
+
+    async def saga_counts(self) -> dict[str, int]:
+        """Sagas per state."""
+        await self.connect()
+        try:
+            rows = await self.store.read(
+                "SELECT state, COUNT(*) FROM conveyor_sagas GROUP BY state"
+            )
+        except Exception:
+            return {}  # no saga yet
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def workers(self, *, include_stale: bool = False) -> list[WorkerOut]:
         await self.connect()
         now = self.clock.time()
