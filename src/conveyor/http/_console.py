@@ -467,9 +467,9 @@ class Console:
 
     async def connect(self) -> None:
         """Connect the app and create the console's tables (idempotent)."""
+        await self.app.connect()  # again after a close(): cheap when connected
         if self._ready:
             return
-        await self.app.connect()
         if self.jobs is not None:
             await self.jobs.store.connect(self.app)
         async with self.store.transaction() as tx:
