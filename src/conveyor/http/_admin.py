@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 
 from conveyor.errors import ConfigError
 from conveyor.http._app import Problem, Receive, Scope, Send, _Problem, problem_api
@@ -52,8 +52,8 @@ def dead_filter(
     group: Annotated[str | None, Query(max_length=500)] = None,
     error_type: Annotated[str | None, Query(max_length=500)] = None,
     reason: Annotated[str | None, Query(max_length=500)] = None,
-    since: float | None = None,
-    before: float | None = None,
+    since: Seconds = None,
+    before: Seconds = None,
 ) -> DeadLetterFilter:
     return DeadLetterFilter(
         topic=topic,
@@ -67,6 +67,8 @@ def dead_filter(
 
 Filter = Annotated[DeadLetterFilter, Depends(dead_filter)]
 Limit = Annotated[int, Query(ge=1, le=500)]
+DeadId = Annotated[int, Path(ge=0, le=2**62)]
+Seconds = Annotated[float | None, Query(ge=0, le=1e12)]
 
 
 class AdminAPI:
@@ -201,7 +203,7 @@ class AdminAPI:
             return await act("replay", selection, actor)
 
         @r.post("/dead-letters/{dead_id}/replay", response_model=ActionResult, responses=actions)
-        async def replay_one(dead_id: int, actor: str = writer) -> ActionResult:
+        async def replay_one(dead_id: DeadId, actor: str = writer) -> ActionResult:
             """Replay one dead letter."""
             if await console.dead_letter(dead_id) is None:
                 raise _Problem(404, f"no dead letter {dead_id}")
@@ -222,7 +224,7 @@ class AdminAPI:
         async def sagas(
             state: Annotated[list[str] | None, Query()] = None,
             name: Annotated[str | None, Query(max_length=200)] = None,
-            older_than: Annotated[float | None, Query(ge=0)] = None,
+            older_than: Seconds = None,
             stuck: bool = False,
             limit: Limit = 50,
             after: Annotated[str | None, Query(max_length=200)] = None,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 
@@ -178,17 +178,22 @@ class Selection(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    ids: list[int] | None = pydantic.Field(default=None, max_length=1000)
+    ids: list[Annotated[int, pydantic.Field(ge=0, le=2**62)]] | None = pydantic.Field(
+        default=None, max_length=1000
+    )
     dead_group: str | None = pydantic.Field(default=None, max_length=64)
     topic: str | None = pydantic.Field(default=None, max_length=500)
     group: str | None = pydantic.Field(default=None, max_length=500)
     error_type: str | None = pydantic.Field(default=None, max_length=500)
     reason_contains: str | None = pydantic.Field(default=None, max_length=500)
-    dead_since: float | None = None
-    dead_before: float | None = None
+    dead_since: float | None = pydantic.Field(default=None, ge=0, le=1e12)
+    dead_before: float | None = pydantic.Field(default=None, ge=0, le=1e12)
     all: bool = False
     limit: int | None = pydantic.Field(
-        default=None, ge=1, description="At most this many (and at most the server's bound)"
+        default=None,
+        ge=1,
+        le=2**31,
+        description="At most this many (and at most the server's bound)",
     )
 
     def chosen(self) -> bool:
