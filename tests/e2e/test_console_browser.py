@@ -105,7 +105,7 @@ async def test_console_in_a_browser_during_a_payment_outage(tmp_path: Path) -> N
     outage = PaymentOutage()
     app = _orders_app(tmp_path / "orders.db", outage, [])
     journal = Journal(app, flush_every=0.1)
-    dashboard = Dashboard(AdminAPI(Console(app)), refresh=300)
+    dashboard = Dashboard(AdminAPI(Console(app, groups_ttl=0)), refresh=300)
     shots = tmp_path / "shots"
     shots.mkdir()
     async with asyncio.timeout(240), app:

@@ -331,3 +331,36 @@ async def test_the_schema_documents_every_route_with_problem_errors(tmp_path: Pa
         forbidden = paths["/admin/dead-letters/purge"]["post"]["responses"]["403"]
         assert PROBLEM in forbidden["content"]
         assert_problem(await c.get("/admin/nope"), 404)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_every_dashboard_page_renders(kind: str, tmp_path: Path) -> None:
+    """The console's pages answer 200 with their tables on this store."""
+    from conveyor.http import Dashboard
+
+    async with rig(kind, tmp_path) as r:
+        await _dead(r, pay=2, ship=1)
+        pages = Dashboard(r.admin)
+        transport = httpx.ASGITransport(app=pages)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as c:
+            first = (await r.console.dead_letters(None, limit=1)).items[0].id
+            groups = await r.console.dead_groups()
+            for path, needle in (
+                ("/console/", 'id="queues-table"'),
+                ("/console/dead-letters", 'id="groups-table"'),
+                (f"/console/dead-letters/{first}", "Traceback"),
+                (f"/console/dead-letters/confirm?action=purge&dead_group={groups[0].id}", "Purge"),
+                ("/console/sagas?stuck=true", "no sagas match"),
+                ("/console/audit", "no admin action yet"),
+                ("/console/search?q=order-1", 'id="verdict"'),
+            ):
+                page = await c.get(path)
+                assert page.status_code == 200, (path, page.text)
+                assert needle in page.text, path
+            purged = await c.post(
+                "/console/dead-letters/purge",
+                content=f"dead_group={groups[0].id}",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert purged.status_code == 303
+            assert "purged" in purged.headers["location"]

@@ -440,6 +440,7 @@ class Console:
     - ``business_keys``: functions mapping a business id to the correlation
       id of its messages (an order id to its saga's), tried by ``search``.
     - ``max_bulk``: the most records one replay or purge acts on.
+    - ``groups_ttl``: seconds a dead-letter grouping is reused (0: never).
     """
 
     def __init__(
@@ -450,6 +451,7 @@ class Console:
         trace_link: str | None = None,
         business_keys: Sequence[BusinessKey] = (),
         max_bulk: int = 10_000,
+        groups_ttl: float = 2.0,
         clock: Clock | None = None,
     ) -> None:
         if trace_link is not None and "{trace_id}" not in trace_link:
@@ -463,6 +465,8 @@ class Console:
         self.max_bulk = max_bulk
         self.clock: Clock = clock or SystemClock()
         self.audit_log = AuditLog(app.store, clock=self.clock)
+        self.groups_ttl = groups_ttl
+        self._groups: dict[str, tuple[float, list[DeadGroupOut]]] = {}
         self._ready = False
         self._swept = 0.0
 
@@ -538,10 +542,11 @@ class Console:
         start = self.clock.time() - minutes * 60
         out: dict[tuple[str, str], list[int]] = {}
         for topic, group, bucket, count in await self.store.read(
-            "SELECT topic, grp, CAST((at - ?) / 60 AS INTEGER), COUNT(*) FROM conveyor_journal "
-            "WHERE at >= ? AND event IN ('applied', 'duplicate') "
-            "GROUP BY topic, grp, CAST((at - ?) / 60 AS INTEGER)",
-            (start, start, start),
+            "SELECT topic, grp, minute, COUNT(*) FROM (SELECT topic, grp, "
+            "CAST((at - ?) / 60 AS INTEGER) AS minute FROM conveyor_journal "
+            "WHERE at >= ? AND event IN ('applied', 'duplicate')) handled "
+            "GROUP BY topic, grp, minute",
+            (start, start),
         ):
             line = out.setdefault((str(topic), str(group)), [0] * minutes)
             index = min(max(int(bucket), 0), minutes - 1)
@@ -704,8 +709,22 @@ class Console:
                 )
 
     async def dead_groups(self, where: DeadLetterFilter | None = None) -> list[DeadGroupOut]:
-        """Dead letters grouped by (topic, group, error type, frame), largest first."""
+        """Dead letters grouped by (topic, group, error type, frame), largest
+        first; an answer is reused for ``groups_ttl`` seconds (many pages
+        polling share it), and forgotten when this console replays or purges."""
         await self.connect()
+        key = repr(where)
+        cached = self._groups.get(key)
+        now = self.clock.monotonic()
+        if cached is not None and now - cached[0] < self.groups_ttl:
+            return cached[1]
+        groups = await self._dead_groups(where)
+        if len(self._groups) > 100:
+            self._groups.clear()
+        self._groups[key] = (now, groups)
+        return groups
+
+    async def _dead_groups(self, where: DeadLetterFilter | None) -> list[DeadGroupOut]:
         await self._index_frames()
         clauses, params = [], []
         if where is not None:
@@ -787,6 +806,7 @@ class Console:
 
     async def _act(self, action: str, actor: str, selection: Selection) -> ActionResult:
         await self.connect()
+        self._groups.clear()
         where, keep = await self._resolve(selection)
         limit = min(selection.limit or self.max_bulk, self.max_bulk)
         target = selection.model_dump(exclude_none=True, exclude_defaults=True)
@@ -815,6 +835,7 @@ class Console:
                 entry.append(
                     await audit.record(tx, actor=actor, action=action, target=target, affected=0)
                 )
+        self._groups.clear()
         remaining = await self.store.dead_letter_count(where)
         if keep is not None:
             remaining = sum(

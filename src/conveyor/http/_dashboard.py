@@ -75,10 +75,11 @@ def _table(
 ) -> str:
     """A table of already-escaped cells; a number-looking header is right-aligned."""
     body = "".join("<tr>" + "".join(cells) + "</tr>" for cells in rows)
+    ident = f' id="{_e(id)}"' if id else ""
     if not body:
-        return f'<p class="empty"{f" id={id!r}" if id else ""}>{_e(empty)}</p>'
+        return f'<p class="empty"{ident}>{_e(empty)}</p>'
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    return f"<table{f' id={id!r}' if id else ''}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _td(value: object, *, cls: str = "", raw: bool = False) -> str:
