@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,23 +72,22 @@ async def test_the_audit_log_pages_newest_first(app: App) -> None:
     assert await log.entries(actor="nobody") == []
 
 
-async def test_a_table_from_before_scopes_gets_the_column_and_keeps_jobs(
-    tmp_path: Path,
-) -> None:
-    """An existing key table without the scopes column is altered once; its
-    keys keep the jobs scope."""
-    path = tmp_path / "old.db"
-    url = f"sqlite:///{path}"
-    async with App("old", settings=Settings(broker_url=url, store_url=url)) as application:
-        secret = await ApiKeys(application).create("old")
-    conn = sqlite3.connect(path)
-    conn.executescript(
-        "CREATE TABLE k2 AS SELECT name, key_hash, created_at, revoked_at FROM conveyor_api_keys;"
-        "DROP TABLE conveyor_api_keys; ALTER TABLE k2 RENAME TO conveyor_api_keys;"
-    )
-    conn.close()
-    for _ in range(2):  # a second start finds the column there
-        async with App("old", settings=Settings(broker_url=url, store_url=url)) as application:
-            key = await ApiKeys(application).authenticate(secret)
-            assert key is not None
-            assert key.scopes == {"jobs"}
+async def test_a_table_from_before_scopes_gets_the_column_and_keeps_jobs(app: App) -> None:
+    """An existing key table without the scopes column is altered once (two
+    processes starting together take turns under the DDL lock); its keys keep
+    the jobs scope."""
+    secret = await ApiKeys(app).create("old")
+    async with app.store.transaction() as tx:
+        await tx.execute(
+            "CREATE TABLE k2 AS SELECT name, key_hash, created_at, revoked_at "
+            "FROM conveyor_api_keys"
+        )
+        await tx.execute("DROP TABLE conveyor_api_keys")
+        await tx.execute("ALTER TABLE k2 RENAME TO conveyor_api_keys")
+    first, second = ApiKeys(app), ApiKeys(app)
+    await asyncio.gather(first.ensure(), second.ensure())
+    for keys in (first, second, ApiKeys(app)):
+        key = await keys.authenticate(secret)
+        assert key is not None
+        assert key.scopes == {"jobs"}
+    assert (await ApiKeys(app).create("new", scopes=["admin:read"])).startswith("cvk_")
