@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,15 +368,6 @@ async def test_callback_url_must_be_registered_and_is_called_on_finish(tmp_path:
         assert call["row"] == ("SUCCEEDED",)  # same transaction as the final state
 
 
-@contextlib.contextmanager
-def _no_warnings_from_schemathesis() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def test_openapi_schema_documents_every_kind_and_problem() -> None:
     """/openapi.json has a route per kind with its body model, and every
     error response is an application/problem+json Problem."""
@@ -412,49 +403,13 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path: Path) 
     conforms to the documented status codes, content types and schemas."""
     import asyncio
 
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
+    from tests.schema_fuzz import fuzz_every_operation
 
     b = build(settings_for("bound", tmp_path))
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(b.api.connect())
-        with _no_warnings_from_schemathesis():
-            schema = schemathesis.openapi.from_asgi("/openapi.json", b.api)
-        checks = [
-            not_a_server_error,
-            status_code_conformance,
-            content_type_conformance,
-            response_schema_conformance,
-        ]
-        tested = 0
-        for result in schema.get_all_operations():
-            operation = result.ok()
-
-            @settings(
-                max_examples=15,
-                derandomize=True,
-                deadline=None,
-                database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            def run(case: Any) -> None:
-                response = case.call()
-                case.validate_response(response, checks=checks)
-
-            with _no_warnings_from_schemathesis():
-                operation.as_strategy()
-                from hypothesis import given
-
-                given(operation.as_strategy())(run)()
-            tested += 1
+        tested = fuzz_every_operation(b.api, max_examples=15)
         assert tested >= 9
     finally:
         loop.run_until_complete(b.app.close())
