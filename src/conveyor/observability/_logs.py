@@ -55,7 +55,7 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         current = handling.get()
-        for name, value in (current or {}).items():
+        for name, value in (current.log_fields() if current else {}).items():
             if not hasattr(record, name) and value is not None:
                 setattr(record, name, value)
         span = _current_span()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 from conveyor.errors import ConfigError
@@ -16,7 +16,6 @@ __all__ = [
     "Outbound",
     "PublishOptions",
     "Session",
-    "Handling",
     "handling",
     "message_ids",
 ]
@@ -39,38 +38,12 @@ class PublishOptions(TypedDict, total=False):
     delay: float
 
 
-class Handling(Mapping[str, object]):
-    """The message a handler runs for, as the context of all it does: the
-    trace a message sent without a cause joins, and the ids every log record
-    written meanwhile carries (computed when a record first reads them: most
-    messages log nothing)."""
-
-    __slots__ = ("_fields", "group", "message")
-
-    def __init__(self, message: Message, group: str) -> None:
-        self.message = message
-        self.group = group
-        self._fields: Mapping[str, object] | None = None
-
-    def _get(self) -> Mapping[str, object]:
-        if self._fields is None:
-            self._fields = message_ids(self.message, self.group)
-        return self._fields
-
-    def __getitem__(self, key: str) -> object:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-
-handling: contextvars.ContextVar[Handling | None] = contextvars.ContextVar(
+handling: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
     "conveyor_handling", default=None
 )
-"""Set by the worker around each handler call (one set per message)."""
+"""The handler context the worker runs a handler in (one set per message):
+the trace a message sent without a cause joins, and the ids every log record
+written meanwhile carries (``Context.log_fields``)."""
 
 
 def message_ids(message: Message, group: str) -> dict[str, object]:
@@ -246,7 +219,7 @@ class Context(Session):
     have it as their causation id.
     """
 
-    __slots__ = ("_log", "_prepare_failed", "_prepared", "group", "message")
+    __slots__ = ("_fields", "_log", "_prepare_failed", "_prepared", "group", "message")
 
     def __init__(
         self,
@@ -263,6 +236,14 @@ class Context(Session):
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._prepared: object = _NOT_PREPARED
         self._prepare_failed = False
+        self._fields: dict[str, object] | None = None
+
+    def log_fields(self) -> Mapping[str, object]:
+        """The ids a log record written in this handler carries (computed
+        when first asked: most messages log nothing)."""
+        if self._fields is None:
+            self._fields = message_ids(self.message, self.group)
+        return self._fields
 
     def _default_message(self) -> Message:
         return self.message

@@ -46,7 +46,7 @@ from conveyor.messages import Message, uuid7
 from conveyor.resilience._breaker import admit
 from conveyor.runtime._context import (
     Context,
-    Handling,
+    Outbound,
     Publisher,
     handling,
     message_ids,
@@ -91,10 +91,6 @@ class _Outcome:
     """Every dead letter its handler call wrote, its own included."""
     committed: Sequence[Callable[[], None]] = ()
     """Its handler's ``on_commit`` callbacks (empty unless applied)."""
-
-    @property
-    def retry(self) -> bool:
-        return self.kind == RETRY
 
     def settlement(self, delivery: Delivery, handler: Handler) -> Settlement:
         return Settlement(
@@ -152,8 +148,10 @@ class _BoundPort:
         self, tx: Transaction, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
     ) -> None:
         pairs = list(zip(deliveries, outcomes, strict=True))
-        await self.binding.ack(tx, [d for d, o in pairs if not o.retry])
-        await self.binding.nack(tx, [(d, o.delay) for d, o in pairs if o.retry])
+        await self.binding.ack(tx, [d for d, o in pairs if o.kind != RETRY])
+        retried = [(d, o.delay) for d, o in pairs if o.kind == RETRY]
+        if retried:
+            await self.binding.nack(tx, retried)
 
     async def settle_after(
         self, deliveries: Sequence[Delivery], outcomes: Sequence[_Outcome]
@@ -183,10 +181,10 @@ class _GenericPort:
     ) -> None:
         pairs = list(zip(deliveries, outcomes, strict=True))
         try:
-            await self.broker.ack([d for d, o in pairs if not o.retry])
+            await self.broker.ack([d for d, o in pairs if o.kind != RETRY])
         finally:
             for delivery, outcome in pairs:
-                if outcome.retry:
+                if outcome.kind == RETRY:
                     await self.broker.nack(delivery, delay=outcome.delay)
 
     async def hand_back(self, deliveries: Sequence[Delivery]) -> None:
@@ -214,6 +212,10 @@ class Worker:
         self.in_flight = 0
         self.id = uuid7()
         """This worker's id in the heartbeat table."""
+        # Read once per batch by _handle_all, for each message's _handle.
+        self._store: Store
+        self._outbound: Outbound
+        self._debug = False
 
     @property
     def stopping(self) -> bool:
@@ -558,7 +560,9 @@ class Worker:
         written with one ``publisher`` call, in the same transaction; those of
         a handler whose savepoint rolled back are dropped with it.
         """
-        store = self.app.store
+        store = self._store = self.app.store
+        self._outbound = self.app.outbound
+        self._debug = log.isEnabledFor(logging.DEBUG)
         done = await store.inbox_seen(tx, handler.group, [d.message.id for d in deliveries])
         applied: list[str] = []
         outcomes: list[_Outcome] = []
@@ -607,7 +611,7 @@ class Worker:
         async def collect(_tx: Transaction, messages: Sequence[Message]) -> None:
             sent.extend(messages)
 
-        ctx = Context(message, handler.group, tx, collect, app.outbound, app.store)
+        ctx = Context(message, handler.group, tx, collect, self._outbound, self._store)
         dead = self._dead
         if delivery.malformed is not None:
             return await dead(ctx, f"malformed message: {delivery.malformed}", "MalformedMessage")
@@ -636,7 +640,7 @@ class Worker:
             )
         observers = app.observers.items
         started = time.time() if observers else 0.0
-        scope = handling.set(Handling(message, handler.group))
+        scope = handling.set(ctx)
         try:
             async with tx.savepoint():
                 if observers or handler.timeout is not None:
@@ -644,7 +648,7 @@ class Worker:
                         await self._call(handler, call, ctx)
                 else:
                     await call(ctx)
-            if log.isEnabledFor(logging.DEBUG):
+            if self._debug:
                 log.debug(
                     "handled %s",
                     message.id,
