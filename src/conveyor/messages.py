@@ -75,6 +75,7 @@ def uuid7() -> str:
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_NO_TRACE = "0" * 32
 
 
 def child_traceparent(parent: str | None) -> str:
@@ -83,9 +84,11 @@ def child_traceparent(parent: str | None) -> str:
     ``parent`` is missing or not a valid version-00 value."""
     match = _TRACEPARENT.match(parent or "")
     span = f"{_rand_bits(64) or 1:016x}"
-    if match is None or set(match.group(1)) == {"0"}:
-        return f"00-{_rand_bits(128) or 1:032x}-{span}-01"
-    return f"00-{match.group(1)}-{span}-{match.group(3)}"
+    if match is not None:
+        trace, flags = match.group(1, 3)
+        if trace != _NO_TRACE:
+            return f"00-{trace}-{span}-{flags}"
+    return f"00-{_rand_bits(128) or 1:032x}-{span}-01"
 
 
 def parse_traceparent(traceparent: str | None) -> tuple[str, str, str] | None:

@@ -99,12 +99,11 @@ class Outbound:
             current = handling.get()
             parent = None if current is None else current.message.traceparent
             headers[TRACEPARENT] = child_traceparent(parent)
-        merged = PublishOptions(**options)
-        merged["headers"] = headers
+        merged: PublishOptions = {**options, "headers": headers}
         message = Message.create(
             topic, body, codec=self.codec, max_payload=self.max_payload, **merged
         )
-        return self.observers.outgoing(message, parent=parent) if self.observers else message
+        return self.observers.outgoing(message, parent=parent) if self.observers.items else message
 
 
 class Session:

@@ -659,7 +659,7 @@ class Worker:
             return _Outcome(
                 APPLIED,
                 started=started,
-                finished=time.time(),
+                finished=time.time() if observers else 0.0,
                 published=sent or _EMPTY,
                 dead_letters=ctx.dead_letters or _EMPTY,
                 committed=ctx.committed or _EMPTY,
