@@ -237,29 +237,41 @@ class Metrics(Observer):
             if via != "outbox":
                 self.publish_seconds.labels(topic, outcome).observe(seconds)
 
-    def consuming(self, ctx: Any) -> Any:
-        return self.consumed.queue(ctx.message.topic, ctx.group).running
+    def fetched(self, topic: str, group: str, *, count: int, seconds: float) -> None:
+        if count:
+            self.consumed.queue(topic, group).held += count
 
     def settled(self, events: Sequence[Settlement]) -> None:
-        consumed = self.consumed
+        # One batch's events, usually of one queue: the plainest arithmetic
+        # that keeps the figures, since every message passes here.
+        key: tuple[str, str] | None = None
+        q = None
         for e in events:
-            q = consumed.queue(e.topic, e.group)
-            q.outcomes[e.outcome] = q.outcomes.get(e.outcome, 0) + 1
-            if e.outcome == "duplicate":
+            if key != (e.topic, e.group) or q is None:
+                key = (e.topic, e.group)
+                q = self.consumed.queue(*key)
+            q.held -= 1
+            outcome = e.outcome
+            q.outcomes[outcome] = q.outcomes.get(outcome, 0) + 1
+            if outcome == "duplicate":
                 self.duplicates.labels(e.group).inc()
                 continue
-            if e.outcome == "rolled_back":
+            if outcome == "rolled_back":
                 continue
             message = e.message
-            q.attempts.observe(message.attempt)
-            if e.started is not None and e.finished is not None:
-                q.handler.observe(e.finished - e.started)
-                if message.attempt == 1:
-                    visible = max(message.created_at, message.not_before or 0.0)
-                    q.wait.observe(max(0.0, e.started - visible))
-                if e.outcome == "applied":
-                    q.end_to_end.observe(max(0.0, e.finished - message.created_at))
-            if e.outcome in ("retry", "dead_letter") and e.error_type:
+            attempt = message.attempt
+            q.attempts[attempt] = q.attempts.get(attempt, 0) + 1
+            started, finished = e.started, e.finished
+            if started is not None and finished is not None:
+                q.handler.observe(finished - started)
+                if attempt == 1:
+                    created, due = message.created_at, message.not_before
+                    wait = started - (due if due is not None and due > created else created)
+                    q.wait.observe(wait if wait > 0.0 else 0.0)
+                if outcome == "applied":
+                    latency = finished - message.created_at
+                    q.end_to_end.observe(latency if latency > 0.0 else 0.0)
+            if outcome in ("retry", "dead_letter") and e.error_type:
                 self.exceptions.labels(e.topic, e.group, e.error_type).inc()
 
     def dead_lettered(self, dead: Sequence[DeadLettered]) -> None:
@@ -460,33 +472,28 @@ class _Buckets:
         family.add_metric(labels, buckets, self.total)
 
 
-class _Running:
-    """``with`` it around a handler call: counts the calls running now."""
-
-    __slots__ = ("now",)
-
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __enter__(self) -> None:
-        self.now += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self.now -= 1
-
-
 class _Queue:
     """What this process did with the messages of one (topic, group)."""
 
-    __slots__ = ("attempts", "end_to_end", "handler", "outcomes", "running", "wait")
+    __slots__ = ("attempts", "end_to_end", "handler", "held", "outcomes", "wait")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = {}
         self.handler = _Buckets(_SECONDS)
         self.wait = _Buckets(_SECONDS)
         self.end_to_end = _Buckets(_SECONDS)
-        self.attempts = _Buckets(_ATTEMPTS)
-        self.running = _Running()
+        self.attempts: dict[int, int] = {}
+        """Messages settled, by the attempt they were settled at."""
+        self.held = 0
+        """Messages fetched and not settled yet: being handled or waiting
+        in this process's prefetched batch."""
+
+    def attempt_buckets(self) -> _Buckets:
+        buckets = _Buckets(_ATTEMPTS)
+        for attempt, count in self.attempts.items():
+            buckets.counts[bisect.bisect_left(_ATTEMPTS, attempt)] += count
+            buckets.total += attempt * count
+        return buckets
 
 
 _CONSUMED = (
@@ -497,7 +504,6 @@ _CONSUMED = (
         "From visible (published, or due) to the handler starting, first attempts.",
     ),
     ("end_to_end", "conveyor_end_to_end_latency_seconds", "From published to applied."),
-    ("attempts", "conveyor_delivery_attempt", "The attempt at which messages were settled."),
 )
 
 
@@ -524,21 +530,30 @@ class _Consumed(Collector):
             "Messages settled, by outcome.",
             labels=[*labels, "outcome"],
         )
-        running = GaugeMetricFamily(
-            "conveyor_messages_in_flight", "Handlers running now in this process.", labels=labels
+        held = GaugeMetricFamily(
+            "conveyor_messages_in_flight",
+            "Messages this process fetched and has not settled yet (handling, or prefetched).",
+            labels=labels,
         )
         histograms = {
             attr: HistogramMetricFamily(name, doc, labels=labels) for attr, name, doc in _CONSUMED
         }
+        attempts = HistogramMetricFamily(
+            "conveyor_delivery_attempt",
+            "The attempt at which messages were settled.",
+            labels=labels,
+        )
         for (topic, group), q in sorted(self.queues.items()):
             for outcome, count in sorted(q.outcomes.items()):
                 processed.add_metric([topic, group, outcome], float(count))
-            running.add_metric([topic, group], float(q.running.now))
+            held.add_metric([topic, group], float(max(q.held, 0)))
             for attr, family in histograms.items():
                 getattr(q, attr).add_to(family, [topic, group])
+            q.attempt_buckets().add_to(attempts, [topic, group])
         yield processed
-        yield running
+        yield held
         yield from histograms.values()
+        yield attempts
 
 
 def _scheme(url: str) -> str:

@@ -160,7 +160,7 @@ class App:
     def observe(self, observer: Observer) -> Observer:
         """Add an observer of every message's life (metrics, tracing...);
         see ``conveyor.runtime.Observer``."""
-        self.observers.items.append(observer)
+        self.observers.add(observer)
         return observer
 
     def use(self, middleware: Middleware) -> Middleware:

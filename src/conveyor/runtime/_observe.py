@@ -175,10 +175,20 @@ class Observer:
 class Observers:
     """The app's observers, called in order; a failing hook is logged."""
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "scoped")
 
     def __init__(self, items: Sequence[Observer] = ()) -> None:
-        self.items: list[Observer] = list(items)
+        self.items: list[Observer] = []
+        self.scoped: list[Observer] = []
+        """The observers with a ``consuming`` scope of their own: with none,
+        the worker opens no scope around a handler call."""
+        for observer in items:
+            self.add(observer)
+
+    def add(self, observer: Observer) -> None:
+        self.items.append(observer)
+        if type(observer).consuming is not Observer.consuming:
+            self.scoped.append(observer)
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -238,9 +248,9 @@ class Observers:
                 _failed(observer, "fetched")
 
     def consuming(self, ctx: Context) -> contextlib.AbstractContextManager[object]:
-        if len(self.items) == 1:
-            return _Guarded(self.items[0], ctx)
-        return _All([_Guarded(observer, ctx) for observer in self.items])
+        if len(self.scoped) == 1:
+            return _Guarded(self.scoped[0], ctx)
+        return _All([_Guarded(observer, ctx) for observer in self.scoped])
 
     def settled(self, events: Sequence[Settlement]) -> None:
         for observer in self.items:

@@ -643,8 +643,9 @@ class Worker:
         scope = handling.set(ctx)
         try:
             async with tx.savepoint():
-                if observers or handler.timeout is not None:
-                    with app.observers.consuming(ctx) if observers else _NOTHING:
+                scoped = app.observers.scoped
+                if scoped or handler.timeout is not None:
+                    with app.observers.consuming(ctx) if scoped else _NOTHING:
                         await self._call(handler, call, ctx)
                 else:
                     await call(ctx)
