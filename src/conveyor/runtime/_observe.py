@@ -76,9 +76,11 @@ class DeadLettered:
     error_type: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Settlement:
-    """What became of one delivered message.
+    """What became of one delivered message (read-only to observers; not
+    frozen because one is built for every message settled, and a frozen
+    dataclass costs a slow ``object.__setattr__`` per field).
 
     ``started`` and ``finished`` are wall-clock times around its handler
     (None when no handler ran: a duplicate, a malformed message); ``delay``
