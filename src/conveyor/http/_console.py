@@ -12,15 +12,17 @@ action's audit entry in its own transaction.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import pydantic
 
@@ -431,6 +433,60 @@ def _clock_time(at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at))
 
 
+T = TypeVar("T")
+_log = logging.getLogger("conveyor.console")
+_LARGE = 100_000
+"""Rows an answer counted above which it is served stale while the next is
+computed (a page polling a million-row queue never waits on the count)."""
+
+
+class _Reused(Generic[T]):
+    """One answer, reused: a small one for ``ttl`` seconds, one over a large
+    table (``size`` >= ``_LARGE``) for ``large_ttl`` and then, for up to
+    ``max_stale`` seconds, served as it is while one background task
+    computes the next: counting a million rows takes hundreds of
+    milliseconds, which no page poll should wait for. A ``large_ttl`` of 0
+    reuses nothing."""
+
+    def __init__(
+        self, clock: Clock, *, ttl: float, large_ttl: float, max_stale: float = 30.0
+    ) -> None:
+        self.ttl = ttl
+        self.large_ttl = large_ttl
+        self.clock = clock
+        self.max_stale = max_stale
+        self._value: T | None = None
+        self._at = 0.0
+        self._large = False
+        self._task: asyncio.Task[None] | None = None
+
+    def forget(self) -> None:
+        self._value = None
+
+    async def get(self, compute: Callable[[], Awaitable[tuple[T, int]]]) -> T:
+        now = self.clock.monotonic()
+        if self._value is not None and self.large_ttl > 0:
+            age = now - self._at
+            if age < (self.large_ttl if self._large else self.ttl):
+                return self._value
+            if self._large and age < self.max_stale:
+                if self._task is None or self._task.done():
+                    self._task = asyncio.create_task(self._background(compute))
+                return self._value
+        return await self._refresh(compute)
+
+    async def _refresh(self, compute: Callable[[], Awaitable[tuple[T, int]]]) -> T:
+        value, size = await compute()
+        self._value, self._at, self._large = value, self.clock.monotonic(), size >= _LARGE
+        return value
+
+    async def _background(self, compute: Callable[[], Awaitable[tuple[T, int]]]) -> None:
+        try:
+            await self._refresh(compute)
+        except Exception:  # the stale answer stays; the next poll tries again
+            _log.warning("console: refreshing a reused answer failed", exc_info=True)
+
+
 class Console:
     """The console's reads and actions on ``app`` (see the module doc).
 
@@ -440,7 +496,12 @@ class Console:
     - ``business_keys``: functions mapping a business id to the correlation
       id of its messages (an order id to its saga's), tried by ``search``.
     - ``max_bulk``: the most records one replay or purge acts on.
-    - ``groups_ttl``: seconds a dead-letter grouping is reused (0: never).
+    - ``groups_ttl``: seconds a dead-letter grouping is reused (0: never),
+      and the queue figures once they count over 100,000 messages (smaller
+      ones are counted afresh each time). Over 100,000 rows either is then
+      served as it is (up to 30 s old) while the next is counted in the
+      background, so no page poll waits on counting a deep queue; a replay
+      or purge through this console forgets both.
     """
 
     def __init__(
@@ -466,7 +527,9 @@ class Console:
         self.clock: Clock = clock or SystemClock()
         self.audit_log = AuditLog(app.store, clock=self.clock)
         self.groups_ttl = groups_ttl
-        self._groups: dict[str, tuple[float, list[DeadGroupOut]]] = {}
+        self._groups: dict[str, _Reused[list[DeadGroupOut]]] = {}
+        # Small queue figures are always counted afresh: a page shows an action's effect.
+        self._queues: _Reused[list[QueueOut]] = _Reused(self.clock, ttl=0.0, large_ttl=groups_ttl)
         self._ready = False
         self._swept = 0.0
 
@@ -495,8 +558,12 @@ class Console:
     # -- queues, workers, breakers -------------------------------------------
 
     async def queues(self) -> list[QueueOut]:
-        """Per (topic, group): depth, age, dead letters, consumers, breakers, rates."""
+        """Per (topic, group): depth, age, dead letters, consumers, breakers,
+        rates; reused as ``groups_ttl`` says."""
         await self.connect()
+        return await self._queues.get(self._count_queues)
+
+    async def _count_queues(self) -> tuple[list[QueueOut], int]:
         now = self.clock.time()
         stats = {(s.topic, s.group): s for s in await self.app.broker.stats()}
         dead = await self.store.dead_letter_counts()
@@ -533,7 +600,7 @@ class Console:
                     failed_per_min=round(failed * 60 / _RATE_WINDOW, 2),
                 )
             )
-        return out
+        return out, sum(q.ready + q.in_flight + q.delayed + q.dead for q in out)
 
     async def sparklines(self, *, minutes: int = 15) -> dict[tuple[str, str], list[int]]:
         """Messages handled per minute and queue over the last ``minutes``
@@ -714,17 +781,16 @@ class Console:
         polling share it), and forgotten when this console replays or purges."""
         await self.connect()
         key = repr(where)
-        cached = self._groups.get(key)
-        now = self.clock.monotonic()
-        if cached is not None and now - cached[0] < self.groups_ttl:
-            return cached[1]
-        groups = await self._dead_groups(where)
-        if len(self._groups) > 100:
-            self._groups.clear()
-        self._groups[key] = (now, groups)
-        return groups
+        reused = self._groups.get(key)
+        if reused is None:
+            if len(self._groups) > 100:
+                self._groups.clear()
+            reused = self._groups[key] = _Reused(
+                self.clock, ttl=self.groups_ttl, large_ttl=self.groups_ttl
+            )
+        return await reused.get(lambda: self._dead_groups(where))
 
-    async def _dead_groups(self, where: DeadLetterFilter | None) -> list[DeadGroupOut]:
+    async def _dead_groups(self, where: DeadLetterFilter | None) -> tuple[list[DeadGroupOut], int]:
         await self._index_frames()
         clauses, params = [], []
         if where is not None:
@@ -764,7 +830,7 @@ class Console:
                     sample_reason=str(reason)[:300],
                 )
             )
-        return out
+        return out, sum(g.count for g in out)
 
     async def _resolve(
         self, selection: Selection
@@ -807,6 +873,7 @@ class Console:
     async def _act(self, action: str, actor: str, selection: Selection) -> ActionResult:
         await self.connect()
         self._groups.clear()
+        self._queues.forget()
         where, keep = await self._resolve(selection)
         limit = min(selection.limit or self.max_bulk, self.max_bulk)
         target = selection.model_dump(exclude_none=True, exclude_defaults=True)
@@ -836,6 +903,7 @@ class Console:
                     await audit.record(tx, actor=actor, action=action, target=target, affected=0)
                 )
         self._groups.clear()
+        self._queues.forget()
         remaining = await self.store.dead_letter_count(where)
         if keep is not None:
             remaining = sum(
