@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
-ATTRIBUTES = {
+ATTRIBUTES: dict[str, str | int] = {
     "messaging.system": "conveyor",
     "messaging.destination.name": "bench.in",
     "messaging.operation.type": "process",
