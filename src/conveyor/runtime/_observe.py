@@ -76,7 +76,7 @@ class DeadLettered:
     error_type: str
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Settlement:
     """What became of one delivered message (read-only to observers; not
     frozen because one is built for every message settled, and a frozen

@@ -93,17 +93,19 @@ class _Outcome:
     """Its handler's ``on_commit`` callbacks (empty unless applied)."""
 
     def settlement(self, delivery: Delivery, handler: Handler) -> Settlement:
+        # Positional: one is built per message observed, and keywords cost
+        # as much again as the object.
         return Settlement(
-            message=delivery.message,
-            topic=handler.topic,
-            group=delivery.group,
-            outcome=self.kind,
-            started=self.started,
-            finished=self.finished,
-            delay=self.delay if self.kind == RETRY else None,
-            reason=self.reason,
-            error_type=self.error_type,
-            dead_letters=tuple(self.dead_letters),
+            delivery.message,
+            handler.topic,
+            delivery.group,
+            self.kind,
+            self.started,
+            self.finished,
+            self.delay if self.kind == RETRY else None,
+            self.reason,
+            self.error_type,
+            tuple(self.dead_letters),
         )
 
 
@@ -657,13 +659,18 @@ class Worker:
                 )
             if not (observers or sent or ctx.dead_letters or ctx.committed):
                 return _APPLIED
+            # Positional, as in settlement(): kind, delay, reason, error type,
+            # started, finished, published, dead letters, committed.
             return _Outcome(
                 APPLIED,
-                started=started,
-                finished=time.time() if observers else 0.0,
-                published=sent or _EMPTY,
-                dead_letters=ctx.dead_letters or _EMPTY,
-                committed=ctx.committed or _EMPTY,
+                0.0,
+                "",
+                "",
+                started,
+                time.time() if observers else 0.0,
+                sent or _EMPTY,
+                ctx.dead_letters or _EMPTY,
+                ctx.committed or _EMPTY,
             )
         except Skip:
             return _Outcome(APPLIED, started=started, finished=time.time())
