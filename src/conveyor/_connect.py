@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from conveyor._tls import tls_failure
 from conveyor.errors import ConveyorError
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_within"]
@@ -36,7 +37,8 @@ async def connect_within(
     """``await attempt()`` until it succeeds or ``timeout`` seconds pass.
 
     ``retry_on`` errors (and an attempt cut by the deadline) are retried;
-    any other exception propagates. The error raised at the deadline reads
+    any other exception propagates, and a failed TLS certificate check is
+    one error at once (it would fail again). The error raised at the deadline reads
     "cannot connect to {server} at {where} within {timeout}s: {last error}";
     ``where`` must hold no secret (host and port, never the password)."""
     deadline = time.monotonic() + timeout
@@ -52,7 +54,12 @@ async def connect_within(
         except TimeoutError as exc:
             last = last or exc
             break
-        except retry_on as exc:
+        except Exception as exc:
+            failed = tls_failure(exc)
+            if failed is not None:  # a certificate that is wrong stays so
+                raise error(f"cannot connect to {server} at {where}: {failed}") from exc
+            if not isinstance(exc, retry_on):
+                raise
             last = exc
         await asyncio.sleep(min(delay * (0.5 + random.random() / 2), max(0.0, left)))
         delay = min(delay * 2, 1.0)

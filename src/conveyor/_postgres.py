@@ -42,6 +42,7 @@ import asyncpg
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
+from conveyor._tls import LIBPQ, tls_files
 from conveyor._urls import redact
 from conveyor.errors import ConfigError, ConveyorError, StoreError
 
@@ -65,7 +66,8 @@ _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DDL = re.compile(r"\s*(CREATE|ALTER|DROP|COMMENT|GRANT)\b", re.IGNORECASE)
 _INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
 _FLOAT_OPTIONS = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "reconnect_for": 30.0}
-_PASSTHROUGH = ("sslmode",)
+_PASSTHROUGH = ("sslmode", *LIBPQ)
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 # Errors that mean the connection or server went away: worth a reconnect.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -174,6 +176,16 @@ def parse_url(url: str) -> PgOptions:
         if values[name] <= 0:
             raise ConfigError(f"invalid {name}={raw!r} in {redact(url)!r}: must be > 0")
     passthrough = {k: query.pop(k)[-1] for k in _PASSTHROUGH if k in query}
+    sslmode = passthrough.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ConfigError(
+            f"invalid sslmode={sslmode!r} in {redact(url)!r}: one of {', '.join(_SSLMODES)}"
+        )
+    tls = tls_files(passthrough, url, names=LIBPQ)
+    if tls and sslmode in ("disable", "allow"):
+        raise ConfigError(
+            f"sslmode={sslmode} in {redact(url)!r} would not use the TLS files it names"
+        )
     if query:
         raise ConfigError(
             f"unknown option(s) {', '.join(sorted(query))} in {redact(url)!r}; known: namespace, "

@@ -8,13 +8,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 
+from conveyor._tls import PYTHON, TlsFiles, tls_files
 from conveyor._urls import redact
 from conveyor.errors import ConfigError
 
 __all__ = ["RedisConfig", "redact"]
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_OPTIONS = ("namespace", "password", "socket_timeout", "connect_timeout", "retry_for")
+_OPTIONS = (
+    "namespace",
+    "password",
+    "socket_timeout",
+    "connect_timeout",
+    "retry_for",
+    *PYTHON,
+)
 
 
 def _option(query: dict[str, list[str]], name: str, default: float, url: str) -> float:
@@ -43,6 +51,7 @@ class RedisConfig:
         "retry_for",
         "socket_timeout",
         "ssl",
+        "tls",
         "username",
     )
 
@@ -74,6 +83,11 @@ class RedisConfig:
                 "use 1-100 letters, digits, '_', '.' or '-'"
             )
         self.ssl = parts.scheme == "rediss"
+        self.tls: TlsFiles = tls_files({k: v[-1] for k, v in query.items()}, url)
+        if self.tls and not self.ssl:
+            raise ConfigError(
+                f"TLS options in {safe!r} need the rediss:// scheme (redis:// is plaintext)"
+            )
         self.host = parts.hostname
         self.port = port
         self.db = int(path)
@@ -97,6 +111,9 @@ def client(config: RedisConfig, **options: object) -> aioredis.Redis:
         username=config.username,
         password=config.password,
         ssl=config.ssl,
+        ssl_ca_certs=config.tls.ca,
+        ssl_certfile=config.tls.cert,
+        ssl_keyfile=config.tls.key,
         socket_timeout=config.socket_timeout,
         socket_connect_timeout=config.connect_timeout,
         **options,  # type: ignore[arg-type]

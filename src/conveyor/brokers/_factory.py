@@ -10,6 +10,7 @@ from conveyor.store._factory import _scheme
 # scheme -> (module under conveyor.brokers, class, extra that brings its driver)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("redis", "RedisBroker", "redis"),
+    "rediss": ("redis", "RedisBroker", "redis"),
     "amqp": ("rabbitmq", "RabbitMQBroker", "rabbitmq"),
     "nats": ("nats", "NatsBroker", "nats"),
     "kafka": ("kafka", "KafkaBroker", "kafka"),

@@ -1,0 +1,99 @@
+"""TLS files named in a server URL: checked once, before any I/O, for every
+backend, and the one way a failed certificate check is reported.
+
+Two vocabularies, each the one its users already write:
+
+- PostgreSQL keeps libpq's: ``sslmode``, ``sslrootcert`` (the CA),
+  ``sslcert`` and ``sslkey`` (a client certificate, for mutual TLS);
+- the other servers take Python's ``ssl`` names, as redis-py does:
+  ``ssl_ca_certs``, ``ssl_certfile`` and ``ssl_keyfile``.
+
+A file that does not exist or cannot be read, or a key without its
+certificate, is a ``ConfigError`` naming the option; a server whose
+certificate the CA does not sign, or one that refuses the client's
+certificate, is one error line at connect time, never retried
+(``tls_failure``).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from conveyor._urls import redact
+from conveyor.errors import ConfigError
+
+__all__ = ["LIBPQ", "PYTHON", "TlsFiles", "tls_files", "tls_failure"]
+
+PYTHON = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+"""Option names for the CA, the client certificate and its key (redis-py's)."""
+LIBPQ = ("sslrootcert", "sslcert", "sslkey")
+"""The same for PostgreSQL, as libpq names them."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The CA and client certificate a URL names (None: not named)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __bool__(self) -> bool:
+        return any((self.ca, self.cert, self.key))
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the server against ``ca`` (the
+        system's CAs when None) and presents ``cert`` when named."""
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.cert is not None:
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def tls_files(
+    options: Mapping[str, str], url: str, *, names: tuple[str, str, str] = PYTHON
+) -> TlsFiles:
+    """The files ``options`` (a URL's query, one value per name) name under
+    ``names`` (CA, certificate, key), each checked to be a readable file."""
+    found: list[str | None] = []
+    for name in names:
+        path = options.get(name)
+        if path is None:
+            found.append(None)
+            continue
+        if not path:
+            raise ConfigError(f"{name} is empty in {redact(url)!r}: name a PEM file")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}={path!r} in {redact(url)!r}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={path!r} in {redact(url)!r}: not readable by this process")
+        found.append(path)
+    ca, cert, key = found
+    if key is not None and cert is None:
+        raise ConfigError(f"{names[2]} without {names[1]} in {redact(url)!r}: name both")
+    return TlsFiles(ca, cert, key)
+
+
+def tls_failure(exc: BaseException | None) -> str | None:
+    """What went wrong in the TLS handshake under ``exc`` (a driver's error
+    wrapping it, or its cause or context), if it is a certificate problem:
+    one that trying again will not cure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = " ".join(str(exc.verify_message or exc).split())
+            return (
+                f"the server's TLS certificate failed verification ({why}); "
+                "check the CA file the URL names"
+            )
+        if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc.reason or ""):
+            return (
+                f"the server refused this client's TLS certificate ({exc.reason}); "
+                "check the client certificate and key the URL names"
+            )
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
