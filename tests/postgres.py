@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import asyncpg
 
@@ -18,7 +18,9 @@ def _target(url: str) -> tuple[str, str] | None:
     namespace = parse_qs(parts.query).get("namespace", [""])[-1]
     if not namespace or namespace == "public":
         return None
-    return parts._replace(scheme="postgresql", query="").geturl(), namespace
+    # The TLS options stay: a TLS-only server takes nothing else.
+    tls = urlencode({k: v[-1] for k, v in parse_qs(parts.query).items() if k.startswith("ssl")})
+    return parts._replace(scheme="postgresql", query=tls).geturl(), namespace
 
 
 async def drop_namespace_async(url: str) -> None:

@@ -21,12 +21,16 @@ import pytest
 from conveyor.brokers import Capabilities, broker_from_url
 from conveyor.testing import UrlBrokerFactory, UrlStoreFactory
 from tests.servers import AMQP_URL, NATS_URL, POSTGRES_URL, REDIS_URL, kafka_url, namespaced
+from tests.tls import tls_postgres, tls_redis
 
 BROKERS: dict[str, Callable[[Path], str]] = {
     "memory": lambda tmp: f"memory://conformance-{uuid.uuid4().hex}",
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'broker.db'}",
     "postgres": lambda tmp: namespaced(POSTGRES_URL),
+    "postgres-tls": lambda tmp: namespaced(tls_postgres().url),
     "redis": lambda tmp: namespaced(REDIS_URL),
+    # TLS only, client certificate required (private servers, tests/tls.py).
+    "redis-tls": lambda tmp: namespaced(tls_redis().url),
     "rabbitmq": lambda tmp: namespaced(AMQP_URL),
     # Classic queues with priorities: the other RabbitMQ code path (basic.get).
     "rabbitmq-classic": lambda tmp: namespaced(f"{AMQP_URL}?queue_type=classic&max_priority=10"),
@@ -37,6 +41,7 @@ BROKERS: dict[str, Callable[[Path], str]] = {
 STORES: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'store.db'}",
     "postgres": lambda tmp: namespaced(POSTGRES_URL),
+    "postgres-tls": lambda tmp: namespaced(tls_postgres().url),
 }
 
 # Brokers that can share a database with a store of the same URL: the unit of

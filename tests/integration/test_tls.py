@@ -1,0 +1,130 @@
+"""Encrypted, authenticated connections, tried against TLS-only servers of
+the tests' own (tests/tls.py): a throw-away CA signs the servers' and the
+client's certificates, Redis has no plaintext port and requires a client
+certificate, PostgreSQL accepts ``hostssl ... cert`` only. The conformance
+suite runs over both as ``redis-tls`` and ``postgres-tls``."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import quote
+
+import pytest
+
+from conveyor import App, Settings
+from conveyor.brokers import broker_from_url
+from conveyor.errors import BrokerError, ConfigError
+from conveyor.store import store_from_url
+from tests.tls import certificates, tls_postgres, tls_redis
+
+pytestmark = pytest.mark.slow
+
+
+def _swap(url: str, old: object, new: object) -> str:
+    return url.replace(quote(str(old), safe=""), quote(str(new), safe=""))
+
+
+def _without(url: str, *names: str) -> str:
+    base, _, query = url.partition("?")
+    kept = [p for p in query.split("&") if p.partition("=")[0] not in names]
+    return f"{base}?{'&'.join(kept)}"
+
+
+async def _connect_error(url: str) -> str:
+    """The one-line error connecting to ``url`` gives; a long connect_timeout
+    shows that it is not retried (the call must end well before it)."""
+    broker = broker_from_url(url)
+    with pytest.raises(BrokerError) as info:
+        await asyncio.wait_for(broker.connect(), 60)
+    await broker.close()
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+async def test_an_app_runs_over_tls_on_redis_and_postgresql() -> None:
+    """The broker on TLS Redis, the store on TLS PostgreSQL: a message goes
+    through the outbox and a handler, both with client certificates."""
+    redis, postgres = tls_redis(), tls_postgres()
+    app = App(
+        "tls",
+        settings=Settings(
+            broker_url=f"{redis.url}&namespace=tlsapp",
+            store_url=f"{postgres.url}&namespace=tlsapp",
+        ),
+    )
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    @app.handler("tls.in", group="g")
+    async def handle(ctx: object, body: dict[str, int]) -> None:
+        seen.append(body["n"])
+        if len(seen) == 3:
+            done.set()
+
+    async with app:
+        async with app.transaction() as s:
+            for n in range(3):
+                await s.publish("tls.in", {"n": n})
+        worker = app.worker()
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+    assert sorted(seen) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+async def test_plaintext_is_refused(server: str) -> None:
+    if server == "redis":
+        text = await _connect_error(f"{tls_redis().plain_url}?connect_timeout=3")
+        assert "cannot connect to Redis" in text
+    else:
+        text = await _connect_error(tls_postgres().plain_url)
+        assert "no encryption" in text
+
+
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+async def test_a_wrong_ca_is_one_clear_error_at_once(server: str) -> None:
+    certs = certificates()
+    url = tls_redis().url if server == "redis" else tls_postgres().url
+    text = await _connect_error(f"{_swap(url, certs.ca, certs.wrong_ca)}&connect_timeout=600")
+    assert "the server's TLS certificate failed verification" in text
+    assert "check the CA file" in text
+
+
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+async def test_no_client_certificate_is_refused(server: str) -> None:
+    if server == "redis":
+        url = _without(tls_redis().url, "ssl_certfile", "ssl_keyfile")
+        text = await _connect_error(f"{url}&connect_timeout=600")
+        assert "refused this client's TLS certificate" in text
+    else:
+        url = _without(tls_postgres().url, "sslcert", "sslkey")
+        text = await _connect_error(url)
+        assert "certificate" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/ca.pem", "no such file"),
+        ("rediss://127.0.0.1:6379/0?ssl_ca_certs=", "ssl_ca_certs is empty"),
+        ("rediss://127.0.0.1:6379/0?ssl_keyfile={key}", "ssl_keyfile without ssl_certfile"),
+        ("redis://127.0.0.1:6379/0?ssl_ca_certs={ca}", "need the rediss:// scheme"),
+        ("postgresql://root@127.0.0.1/db?sslrootcert=/nonexistent/ca.pem", "no such file"),
+        ("postgresql://root@127.0.0.1/db?sslmode=sometimes", "invalid sslmode"),
+        ("postgresql://root@127.0.0.1/db?sslmode=disable&sslrootcert={ca}", "would not use"),
+        ("postgresql://root@127.0.0.1/db?sslkey={key}", "sslkey without sslcert"),
+    ],
+)
+def test_bad_tls_options_are_one_line_config_errors(url: str, needle: str) -> None:
+    certs = certificates()
+    url = url.format(ca=certs.ca, key=certs.client_key)
+    build = store_from_url if url.startswith("postgresql") else broker_from_url
+    with pytest.raises(ConfigError) as info:
+        build(url)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)

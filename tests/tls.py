@@ -1,0 +1,284 @@
+"""Throw-away certificates and TLS-only servers of the tests' own.
+
+``certificates()`` makes, once per process, a CA, a server certificate for
+127.0.0.1 and localhost, a client certificate (mutual TLS), and a second CA
+that signs none of them (the "wrong CA"). ``tls_redis()`` and
+``tls_postgres()`` start, once per process, a private redis-server and a
+private PostgreSQL cluster on free ports that accept TLS with a client
+certificate only: Redis has no plaintext port, PostgreSQL's pg_hba has one
+``hostssl ... cert`` line and nothing else.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlencode
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.servers import RedisServer, _wait_port
+
+__all__ = ["Certificates", "certificates", "tls_postgres", "tls_redis"]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    wrong_ca: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _ca(common: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _leaf(
+    common: str,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    server: bool,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [
+                    x509.ExtendedKeyUsageOID.SERVER_AUTH
+                    if server
+                    else x509.ExtendedKeyUsageOID.CLIENT_AUTH
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca[1].public_key()), critical=False
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(ca[1], hashes.SHA256()), key
+
+
+def _pem(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@cache
+def certificates() -> Certificates:
+    """A CA, server and client certificates, and a wrong CA, in a temporary
+    directory the PostgreSQL server's user can read."""
+    directory = Path(tempfile.mkdtemp(prefix="conveyor-tls-"))
+    directory.chmod(0o755)
+    atexit.register(shutil.rmtree, directory, True)
+    ca = _ca("Conveyor test CA")
+    server = _leaf("127.0.0.1", ca, server=True)
+    # PostgreSQL's cert authentication maps the certificate's CN to the user.
+    client = _leaf("root", ca, server=False)
+    wrong = _ca("Some other CA")
+    out = Certificates(
+        dir=directory,
+        ca=_pem(ca[0], directory / "ca.pem"),
+        server_cert=_pem(server[0], directory / "server.pem"),
+        server_key=directory / "server.key",
+        client_cert=_pem(client[0], directory / "client.pem"),
+        client_key=directory / "client.key",
+        wrong_ca=_pem(wrong[0], directory / "wrong-ca.pem"),
+    )
+    _write_key(server[1], out.server_key)
+    _write_key(client[1], out.client_key)
+    return out
+
+
+def client_options(certs: Certificates, *, libpq: bool) -> dict[str, str]:
+    """URL options naming the CA and the client certificate."""
+    names = ("sslrootcert", "sslcert", "sslkey") if libpq else PYTHON_NAMES
+    return dict(zip(names, map(str, (certs.ca, certs.client_cert, certs.client_key)), strict=True))
+
+
+PYTHON_NAMES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+class TlsRedis(RedisServer):
+    """redis-server with a TLS port only, client certificates required."""
+
+    def __init__(self, workdir: Path, certs: Certificates) -> None:
+        super().__init__(workdir)
+        self.certs = certs
+        self.plain_url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"rediss://127.0.0.1:{self.port}/0?" + urlencode(
+            client_options(certs, libpq=False)
+        )
+
+    def command(self) -> list[str]:
+        c = self.certs
+        return [
+            "redis-server",
+            "--bind", "127.0.0.1",
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(c.server_cert),
+            "--tls-key-file", str(c.server_key),
+            "--tls-ca-cert-file", str(c.ca),
+            "--tls-auth-clients", "yes",
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "no",
+        ]  # fmt: skip
+
+
+@cache
+def tls_redis() -> TlsRedis:
+    """The process's TLS-only Redis (started on first use, stopped at exit)."""
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-redis-"))
+    server = TlsRedis(workdir, certificates())
+    server.start()
+    atexit.register(shutil.rmtree, workdir, True)
+    atexit.register(server.stop)
+    return server
+
+
+@dataclass
+class TlsPostgres:
+    """A private PostgreSQL cluster: ``ssl=on`` and one pg_hba line,
+    ``hostssl all all 127.0.0.1/32 cert``: TLS with a client certificate
+    signed by the test CA, whose CN is the user, or nothing."""
+
+    dir: Path
+    port: int
+    certs: Certificates
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    @property
+    def url(self) -> str:
+        options = {"sslmode": "verify-full", **client_options(self.certs, libpq=True)}
+        return f"postgresql://root@127.0.0.1:{self.port}/postgres?" + urlencode(options)
+
+    @property
+    def plain_url(self) -> str:
+        return f"postgresql://root@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def _as_owner(self, command: str) -> None:
+        argv = ["su", "postgres", "-s", "/bin/sh", "-c", command]
+        subprocess.run(
+            argv if os.geteuid() == 0 else ["/bin/sh", "-c", command],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        if not data.exists():
+            self._as_owner(f"{self.BIN}/initdb -D {data} -U root --auth=trust -N")
+            # The server's own copies: its key must belong to it, mode 0600.
+            for name in ("server.pem", "server.key", "ca.pem"):
+                shutil.copy(self.certs.dir / name, data / name)
+                if os.geteuid() == 0:
+                    shutil.chown(data / name, "postgres")
+            (data / "server.key").chmod(0o600)
+            (data / "pg_hba.conf").write_text(
+                "local all all trust\nhostssl all all 127.0.0.1/32 cert\n"
+            )
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c ssl=on "
+            "-c ssl_cert_file=server.pem -c ssl_key_file=server.key -c ssl_ca_file=ca.pem"
+        )
+        self._as_owner(f"{self.BIN}/pg_ctl -D {data} -o '{options}' -l {self.dir}/log -w start")
+        _wait_port(self.port, up=True, timeout=30, what="PostgreSQL (TLS)")
+
+    def stop(self) -> None:
+        self._as_owner(f"{self.BIN}/pg_ctl -D {self.dir}/data -m fast -w stop")
+
+
+@cache
+def tls_postgres() -> TlsPostgres:
+    """The process's TLS-only PostgreSQL (started on first use, stopped at exit)."""
+    directory = Path(tempfile.mkdtemp(prefix="conveyor-tls-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root
+        shutil.chown(directory, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = TlsPostgres(directory, port, certificates())
+    server.start()
+    atexit.register(shutil.rmtree, directory, True)
+    atexit.register(server.stop)
+    return server
