@@ -29,7 +29,7 @@ delivered oldest first (retries rejoin at the back); ``priority`` and
 store's: the runtime writes them and then acknowledges the delivery, so the
 broker never sees that decision and keeps no dead-letter stream.
 
-URL: ``redis://[[user]:password@]host[:port][/db][?options]``. Options:
+URL: ``redis[s]://[[user]:password@]host[:port][/db][?options]``. Options:
 
 ``namespace``        prefix of every key (``conveyor:{NAME}:``; the braces
                      keep a namespace in one Redis Cluster hash slot).
@@ -40,6 +40,10 @@ URL: ``redis://[[user]:password@]host[:port][/db][?options]``. Options:
 ``retry_for``        seconds to keep reconnecting, with capped exponential
                      backoff, before an operation fails with ``BrokerError``
                      (default 30).
+``ssl_ca_certs``     over TLS (``rediss://``): the CA file (default: the
+                     system's CAs).
+``ssl_certfile``,    a client certificate and its key, for servers that
+``ssl_keyfile``      require one (``tls-auth-clients yes``).
 
 Durability is the server's: ``publish`` returns once Redis has the message
 in memory. It survives a Redis restart only with ``appendonly yes``
