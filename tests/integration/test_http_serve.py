@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import wait_until
 
@@ -38,10 +39,11 @@ class Served:
     port: int
     db: str
     log: Path
+    scheme: str = "http"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=20)
@@ -63,9 +65,10 @@ def _env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def served(tmp_path: Path, *options: str) -> Iterator[Served]:
+def served(tmp_path: Path, *options: str, client: httpx.Client | None = None) -> Iterator[Served]:
     """`conveyor serve` on a free port of 127.0.0.1 with ``options``,
-    answering /healthz; stopped (by its pid) after."""
+    answering /healthz (through ``client``: an HTTPS one for a TLS server);
+    stopped (by its pid) after."""
     port = _free_port()
     db = f"sqlite:///{tmp_path / 'jobs.db'}"
     log_path = tmp_path / f"serve-{port}.log"
@@ -76,12 +79,13 @@ def served(tmp_path: Path, *options: str) -> Iterator[Served]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Served(process, port, db, log_path)
+    server = Served(process, port, db, log_path, "https" if client else "http")
     try:
 
         def healthy() -> bool:
             try:
-                return httpx.get(f"{server.base}/healthz", timeout=1).status_code == 200
+                get = client.get if client is not None else httpx.get
+                return get(f"{server.base}/healthz", timeout=1).status_code == 200
             except httpx.TransportError:
                 assert process.poll() is None, log_path.read_text()
                 return False
@@ -321,3 +325,48 @@ def test_serve_refuses_an_invalid_limit_in_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "http_unauthenticated_limit" in result.stderr + result.stdout
+
+
+def test_serve_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    """--ssl-certfile/--ssl-keyfile serve HTTPS; with --ssl-ca-certs only a
+    client presenting a certificate the CA signed gets an answer."""
+    import ssl
+
+    from tests.tls import certificates
+
+    certs = certificates()
+    trusted = ssl.create_default_context(cafile=str(certs.ca))
+    trusted.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    options = (
+        "--ssl-certfile", str(certs.server_cert),
+        "--ssl-keyfile", str(certs.server_key),
+        "--ssl-ca-certs", str(certs.ca),
+    )  # fmt: skip
+    with httpx.Client(verify=trusted) as client, served(tmp_path, *options, client=client) as s:
+        assert client.get(f"{s.base}/healthz").status_code == 200
+        no_certificate = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises(httpx.TransportError), httpx.Client(verify=no_certificate) as bare:
+            bare.get(f"{s.base}/healthz")
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{s.port}/healthz", timeout=5)
+
+
+def test_serve_refuses_half_a_tls_setup_in_one_line(tmp_path: Path) -> None:
+    from tests.tls import certificates
+
+    certs = certificates()
+    for options, needle in (
+        (["--ssl-certfile", str(certs.server_cert)], "go together"),
+        (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", "x"], "no such file"),
+        (["--ssl-ca-certs", str(certs.ca)], "needs --ssl-certfile"),
+    ):
+        done = subprocess.run(
+            [*CLI, "serve", f"{TARGET}:api", "--broker", f"sqlite:///{tmp_path}/x.db", *options],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0
+        assert needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -438,6 +438,19 @@ def serve(
             help="Requests as server spans, exported as OTEL_* says (CONVEYOR_TRACING).",
         ),
     ] = None,
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(help="Serve HTTPS with this certificate (PEM; with --ssl-keyfile)."),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="The private key of --ssl-certfile (PEM).")
+    ] = None,
+    ssl_ca_certs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Mutual TLS: accept only clients presenting a certificate this CA signed."
+        ),
+    ] = None,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
     env_file: EnvOpt = None,
@@ -477,6 +490,7 @@ def serve(
         if option is not None:
             os.environ[variable] = str(option)
     settings = load_settings()  # a bad value stops here, in one line
+    tls = _serve_tls(ssl_certfile, ssl_keyfile, ssl_ca_certs)
     shared = None
     if settings.metrics and workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Several processes behind one port: a scrape reaches any one of
@@ -484,13 +498,40 @@ def serve(
         shared = tempfile.mkdtemp(prefix="conveyor-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
     try:
-        _serve(target, host=host, port=port, workers=workers, settings=settings)
+        _serve(target, host=host, port=port, workers=workers, settings=settings, tls=tls)
     finally:
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
 
 
-def _serve(target: str, *, host: str, port: int, workers: int, settings: Settings) -> None:
+def _serve_tls(cert: Path | None, key: Path | None, ca: Path | None) -> dict[str, object]:
+    """uvicorn's TLS options from --ssl-*, each file checked first."""
+    for option, path in (("--ssl-certfile", cert), ("--ssl-keyfile", key), ("--ssl-ca-certs", ca)):
+        if path is not None and not path.is_file():
+            _fail(f"{option} {str(path)!r}: no such file")
+    if (cert is None) != (key is None):
+        _fail("--ssl-certfile and --ssl-keyfile go together")
+    if ca is not None and cert is None:
+        _fail("--ssl-ca-certs (client certificates) needs --ssl-certfile and --ssl-keyfile")
+    if cert is None:
+        return {}
+    import ssl
+
+    options: dict[str, object] = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    if ca is not None:
+        options |= {"ssl_ca_certs": str(ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
+def _serve(
+    target: str,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    settings: Settings,
+    tls: dict[str, object],
+) -> None:
     from conveyor.http import JobAPI
 
     if ":" not in target:
@@ -509,6 +550,7 @@ def _serve(target: str, *, host: str, port: int, workers: int, settings: Setting
         settings=settings,
         log_config=None,
         access_log=False,
+        **tls,
     )
 
 
