@@ -3,10 +3,11 @@
 ``certificates()`` makes, once per process, a CA, a server certificate for
 127.0.0.1 and localhost, a client certificate (mutual TLS), and a second CA
 that signs none of them (the "wrong CA"). ``tls_redis()`` and
-``tls_postgres()`` start, once per process, a private redis-server and a
-private PostgreSQL cluster on free ports that accept TLS with a client
-certificate only: Redis has no plaintext port, PostgreSQL's pg_hba has one
-``hostssl ... cert`` line and nothing else.
+``tls_postgres()`` and ``tls_nats()`` start, once per process, a private
+redis-server, PostgreSQL cluster and nats-server on free ports that accept
+TLS with a client certificate only: Redis has no plaintext port,
+PostgreSQL's pg_hba has one ``hostssl ... cert`` line and nothing else,
+NATS runs with ``--tlsverify``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers import RedisServer, _wait_port
+from tests.servers import NatsServer, RedisServer, _wait_port
 
-__all__ = ["Certificates", "certificates", "tls_postgres", "tls_redis"]
+__all__ = ["Certificates", "certificates", "tls_nats", "tls_postgres", "tls_redis"]
 
 
 @dataclass(frozen=True)
@@ -280,5 +281,36 @@ def tls_postgres() -> TlsPostgres:
     server = TlsPostgres(directory, port, certificates())
     server.start()
     atexit.register(shutil.rmtree, directory, True)
+    atexit.register(server.stop)
+    return server
+
+
+class TlsNats(NatsServer):
+    """nats-server with JetStream, TLS required and client certificates verified."""
+
+    def __init__(self, workdir: Path, certs: Certificates) -> None:
+        super().__init__(workdir)
+        self.certs = certs
+        self.plain_url = f"nats://127.0.0.1:{self.port}"
+        self.url = f"tls://127.0.0.1:{self.port}?" + urlencode(client_options(certs, libpq=False))
+
+    def command(self) -> list[str]:
+        c = self.certs
+        return [
+            *super().command(),
+            "--tlsverify",
+            "--tlscert", str(c.server_cert),
+            "--tlskey", str(c.server_key),
+            "--tlscacert", str(c.ca),
+        ]  # fmt: skip
+
+
+@cache
+def tls_nats() -> TlsNats:
+    """The process's TLS-only NATS (started on first use, stopped at exit)."""
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-nats-"))
+    server = TlsNats(workdir, certificates())
+    server.start()
+    atexit.register(shutil.rmtree, workdir, True)
     atexit.register(server.stop)
     return server

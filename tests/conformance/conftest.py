@@ -21,7 +21,7 @@ import pytest
 from conveyor.brokers import Capabilities, broker_from_url
 from conveyor.testing import UrlBrokerFactory, UrlStoreFactory
 from tests.servers import AMQP_URL, NATS_URL, POSTGRES_URL, REDIS_URL, kafka_url, namespaced
-from tests.tls import tls_postgres, tls_redis
+from tests.tls import tls_nats, tls_postgres, tls_redis
 
 BROKERS: dict[str, Callable[[Path], str]] = {
     "memory": lambda tmp: f"memory://conformance-{uuid.uuid4().hex}",
@@ -35,6 +35,7 @@ BROKERS: dict[str, Callable[[Path], str]] = {
     # Classic queues with priorities: the other RabbitMQ code path (basic.get).
     "rabbitmq-classic": lambda tmp: namespaced(f"{AMQP_URL}?queue_type=classic&max_priority=10"),
     "nats": lambda tmp: namespaced(NATS_URL),
+    "nats-tls": lambda tmp: namespaced(tls_nats().url),
     "kafka": lambda tmp: namespaced(f"{kafka_url()}?session_timeout=3&heartbeat_interval=0.3"),
 }
 

@@ -13,6 +13,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "rediss": ("redis", "RedisBroker", "redis"),
     "amqp": ("rabbitmq", "RabbitMQBroker", "rabbitmq"),
     "nats": ("nats", "NatsBroker", "nats"),
+    "tls": ("nats", "NatsBroker", "nats"),
     "kafka": ("kafka", "KafkaBroker", "kafka"),
     "postgresql": ("postgres", "PostgresBroker", "postgres"),
     "postgres": ("postgres", "PostgresBroker", "postgres"),

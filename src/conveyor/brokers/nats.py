@@ -1,6 +1,7 @@
 """NATS JetStream broker: ``nats://host:4222?namespace=NAME``.
 
-URL: ``nats://[user:password@]host[:port][,host2:port...][?option=value&...]``.
+URL: ``nats://[user:password@]host[:port][,host2:port...][?option=value&...]``
+(``tls://`` for TLS).
 Options (anything else is a ``ConfigError``):
 
 - ``namespace`` (``conveyor``): letters, digits, ``_`` and ``-``; names the
@@ -21,6 +22,9 @@ Options (anything else is a ``ConfigError``):
   raises ``BrokerError``.
 - ``connect_timeout`` (5 s): how long the first connection may take in all,
   retries included.
+- ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``: with ``tls://`` instead
+  of ``nats://``, the CA that signs the server's certificate (default: the
+  system's) and a client certificate for servers run with ``--tlsverify``.
 
 Topology. One stream per namespace with *limits* retention: a message stays
 for ``max_age``, acknowledged or not, like a Kafka topic's retention. (Interest
@@ -67,7 +71,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import nats
@@ -88,6 +92,7 @@ from nats.js.api import (
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor._tls import PYTHON, TlsFiles, tls_failure, tls_files
 from conveyor._urls import redact
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
@@ -112,6 +117,7 @@ _OPTIONS = (
     "max_age",
     "timeout",
     "connect_timeout",
+    *PYTHON,
 )
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Headers and envelope must fit next to the payload in the server's default
@@ -147,6 +153,7 @@ class _Config:
     max_age: float
     timeout: float
     connect_timeout: float
+    tls: TlsFiles
 
 
 def _parse(url: str) -> _Config:
@@ -155,15 +162,16 @@ def _parse(url: str) -> _Config:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
         raise ConfigError(f"invalid NATS URL {redact(url)!r}: {exc}") from None
-    if parts.scheme != "nats" or not parts.netloc:
+    if parts.scheme not in ("nats", "tls") or not parts.netloc:
         raise ConfigError(
-            f"invalid NATS URL {redact(url)!r}: expected nats://host:port?namespace=NAME"
+            f"invalid NATS URL {redact(url)!r}: expected nats://host:port?namespace=NAME "
+            "(tls://host:port for TLS)"
         )
     if parts.path not in ("", "/"):
         raise ConfigError(f"invalid NATS URL {redact(url)!r}: no path expected, got {parts.path!r}")
     userinfo, _, hosts = parts.netloc.rpartition("@")
     prefix = f"{userinfo}@" if userinfo else ""
-    servers = [f"nats://{prefix}{h}" for h in hosts.split(",") if h]
+    servers = [f"{parts.scheme}://{prefix}{h}" for h in hosts.split(",") if h]
     if not servers:
         raise ConfigError(f"invalid NATS URL {redact(url)!r}: no host")
     values: dict[str, str] = {}
@@ -203,7 +211,17 @@ def _parse(url: str) -> _Config:
         max_age=number("max_age", 7 * 86400.0, float, 60.0),
         timeout=number("timeout", 30.0, float, 0.1),
         connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
+        tls=_tls(parts.scheme, values, url),
     )
+
+
+def _tls(scheme: str, values: dict[str, str], url: str) -> TlsFiles:
+    tls = tls_files(values, url)
+    if tls and scheme != "tls":
+        raise ConfigError(
+            f"TLS options in {redact(url)!r} need the tls:// scheme (nats:// is plaintext)"
+        )
+    return tls
 
 
 def _digest(*parts: str, size: int = 20) -> str:
@@ -273,6 +291,7 @@ class NatsBroker:
         self._changed = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
+        self._refused: asyncio.Future[Exception] | None = None
 
     # connection
 
@@ -301,8 +320,30 @@ class NatsBroker:
             self._keeper = asyncio.create_task(self._keep_leases())
 
     async def _open(self) -> Client:
+        # nats-py keeps trying a first connection whose TLS handshake fails
+        # and only tells error_cb: a certificate problem (it stays wrong)
+        # ends the attempt here, for connect_within to report at once.
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self._refused = refused
+        opening = asyncio.ensure_future(self._connect_client())
+        waiting: set[asyncio.Future[Any]] = {opening, refused}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            opening.cancel()
+            raise
+        if opening.done():
+            return opening.result()
+        opening.cancel()
+        with contextlib.suppress(BaseException):
+            await opening
+        raise refused.result()
+
+    async def _connect_client(self) -> Client:
+        tls = self._config.tls
         return await nats.connect(
             servers=self._config.servers,
+            tls=tls.context() if self._config.servers[0].startswith("tls:") else None,
             name=f"conveyor {self._config.namespace}",
             connect_timeout=min(5.0, self._config.timeout),
             allow_reconnect=True,
@@ -335,6 +376,9 @@ class NatsBroker:
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS connection error: %r", exc, extra={"event": "conveyor.broker_error"})
+        refused = self._refused
+        if refused is not None and not refused.done() and tls_failure(exc) is not None:
+            refused.set_result(exc)
 
     async def _on_disconnected(self) -> None:
         if self._nc is None:  # closing
