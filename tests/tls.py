@@ -7,7 +7,8 @@ that signs none of them (the "wrong CA"). ``tls_redis()`` and
 redis-server, PostgreSQL cluster and nats-server on free ports that accept
 TLS with a client certificate only: Redis has no plaintext port,
 PostgreSQL's pg_hba has one ``hostssl ... cert`` line and nothing else,
-NATS runs with ``--tlsverify``.
+NATS runs with ``--tlsverify``; ``tls_rabbitmq()`` a RabbitMQ node of its
+own with a TLS listener only (``fail_if_no_peer_cert``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from cryptography.x509.oid import NameOID
 
 from tests.servers import NatsServer, RedisServer, _wait_port
 
-__all__ = ["Certificates", "certificates", "tls_nats", "tls_postgres", "tls_redis"]
+__all__ = [
+    "Certificates",
+    "certificates",
+    "tls_nats",
+    "tls_postgres",
+    "tls_rabbitmq",
+    "tls_redis",
+]
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,78 @@ def tls_nats() -> TlsNats:
     """The process's TLS-only NATS (started on first use, stopped at exit)."""
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-nats-"))
     server = TlsNats(workdir, certificates())
+    server.start()
+    atexit.register(shutil.rmtree, workdir, True)
+    atexit.register(server.stop)
+    return server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class TlsRabbitMQ:
+    """A RabbitMQ node of the tests' own (its own name, directories, cookie
+    and distribution port) whose only listener is TLS with client
+    certificates required."""
+
+    def __init__(self, workdir: Path, certs: Certificates) -> None:
+        self.workdir = workdir
+        self.certs = certs
+        self.port = _free_port()
+        self.url = f"amqps://guest:guest@127.0.0.1:{self.port}/?" + urlencode(
+            client_options(certs, libpq=False)
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        c, d = self.certs, self.workdir
+        (d / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {self.port}\n"
+            f"ssl_options.cacertfile = {c.ca}\n"
+            f"ssl_options.certfile = {c.server_cert}\n"
+            f"ssl_options.keyfile = {c.server_key}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
+            "loopback_users = none\n"
+        )
+        (d / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(d),  # its own Erlang cookie
+            "RABBITMQ_NODENAME": f"conveyor-tls-{self.port}@localhost",
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "pid"),
+            "RABBITMQ_DIST_PORT": str(_free_port()),
+        }
+        with (d / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=env, stdout=log, stderr=log
+            )
+        _wait_port(self.port, up=True, timeout=90, what="RabbitMQ (TLS)")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@cache
+def tls_rabbitmq() -> TlsRabbitMQ:
+    """The process's TLS-only RabbitMQ (started on first use, stopped at exit)."""
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-rabbitmq-"))
+    server = TlsRabbitMQ(workdir, certificates())
     server.start()
     atexit.register(shutil.rmtree, workdir, True)
     atexit.register(server.stop)

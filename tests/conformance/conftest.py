@@ -21,7 +21,7 @@ import pytest
 from conveyor.brokers import Capabilities, broker_from_url
 from conveyor.testing import UrlBrokerFactory, UrlStoreFactory
 from tests.servers import AMQP_URL, NATS_URL, POSTGRES_URL, REDIS_URL, kafka_url, namespaced
-from tests.tls import tls_nats, tls_postgres, tls_redis
+from tests.tls import tls_nats, tls_postgres, tls_rabbitmq, tls_redis
 
 BROKERS: dict[str, Callable[[Path], str]] = {
     "memory": lambda tmp: f"memory://conformance-{uuid.uuid4().hex}",
@@ -32,6 +32,7 @@ BROKERS: dict[str, Callable[[Path], str]] = {
     # TLS only, client certificate required (private servers, tests/tls.py).
     "redis-tls": lambda tmp: namespaced(tls_redis().url),
     "rabbitmq": lambda tmp: namespaced(AMQP_URL),
+    "rabbitmq-tls": lambda tmp: namespaced(tls_rabbitmq().url),
     # Classic queues with priorities: the other RabbitMQ code path (basic.get).
     "rabbitmq-classic": lambda tmp: namespaced(f"{AMQP_URL}?queue_type=classic&max_priority=10"),
     "nats": lambda tmp: namespaced(NATS_URL),

@@ -15,7 +15,7 @@ from conveyor import App, Settings
 from conveyor.brokers import broker_from_url
 from conveyor.errors import BrokerError, ConfigError
 from conveyor.store import store_from_url
-from tests.tls import certificates, tls_nats, tls_postgres, tls_redis
+from tests.tls import certificates, tls_nats, tls_postgres, tls_rabbitmq, tls_redis
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ async def test_an_app_runs_over_tls_on_redis_and_postgresql() -> None:
     assert sorted(seen) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("server", ["redis", "postgres", "nats"])
+@pytest.mark.parametrize("server", ["redis", "postgres", "nats", "rabbitmq"])
 async def test_plaintext_is_refused(server: str) -> None:
     if server == "redis":
         text = await _connect_error(f"{tls_redis().plain_url}?connect_timeout=3")
@@ -84,15 +84,19 @@ async def test_plaintext_is_refused(server: str) -> None:
     elif server == "nats":
         text = await _connect_error(f"{tls_nats().plain_url}?connect_timeout=3")
         assert "cannot connect to NATS" in text
+    elif server == "rabbitmq":
+        plain = f"amqp://guest:guest@127.0.0.1:{tls_rabbitmq().port}/?connect_timeout=3"
+        text = await _connect_error(plain)
+        assert "cannot connect to RabbitMQ" in text
     else:
         text = await _connect_error(tls_postgres().plain_url)
         assert "no encryption" in text
 
 
-_URLS = {"redis": tls_redis, "postgres": tls_postgres, "nats": tls_nats}
+_URLS = {"redis": tls_redis, "postgres": tls_postgres, "nats": tls_nats, "rabbitmq": tls_rabbitmq}
 
 
-@pytest.mark.parametrize("server", ["redis", "postgres", "nats"])
+@pytest.mark.parametrize("server", ["redis", "postgres", "nats", "rabbitmq"])
 async def test_a_wrong_ca_is_one_clear_error_at_once(server: str) -> None:
     certs = certificates()
     url = _URLS[server]().url
@@ -101,9 +105,9 @@ async def test_a_wrong_ca_is_one_clear_error_at_once(server: str) -> None:
     assert "check the CA file" in text
 
 
-@pytest.mark.parametrize("server", ["redis", "postgres", "nats"])
+@pytest.mark.parametrize("server", ["redis", "postgres", "nats", "rabbitmq"])
 async def test_no_client_certificate_is_refused(server: str) -> None:
-    if server in ("redis", "nats"):
+    if server in ("redis", "nats", "rabbitmq"):
         url = _without(_URLS[server]().url, "ssl_certfile", "ssl_keyfile")
         text = await _connect_error(f"{url}&connect_timeout=600")
         assert "refused this client's TLS certificate" in text
@@ -121,6 +125,7 @@ async def test_no_client_certificate_is_refused(server: str) -> None:
         ("rediss://127.0.0.1:6379/0?ssl_keyfile={key}", "ssl_keyfile without ssl_certfile"),
         ("redis://127.0.0.1:6379/0?ssl_ca_certs={ca}", "need the rediss:// scheme"),
         ("nats://127.0.0.1:4222?ssl_ca_certs={ca}", "need the tls:// scheme"),
+        ("amqp://127.0.0.1:5672/?ssl_ca_certs={ca}", "need the amqps:// scheme"),
         ("tls://127.0.0.1:4222?ssl_certfile=/nonexistent/c.pem", "no such file"),
         ("postgresql://root@127.0.0.1/db?sslrootcert=/nonexistent/ca.pem", "no such file"),
         ("postgresql://root@127.0.0.1/db?sslmode=sometimes", "invalid sslmode"),

@@ -12,6 +12,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": ("redis", "RedisBroker", "redis"),
     "rediss": ("redis", "RedisBroker", "redis"),
     "amqp": ("rabbitmq", "RabbitMQBroker", "rabbitmq"),
+    "amqps": ("rabbitmq", "RabbitMQBroker", "rabbitmq"),
     "nats": ("nats", "NatsBroker", "nats"),
     "tls": ("nats", "NatsBroker", "nats"),
     "kafka": ("kafka", "KafkaBroker", "kafka"),

@@ -25,6 +25,10 @@ Options (anything else is a ``ConfigError``):
 ``connect_timeout``
     Seconds the first connection may take in all, retries included (default
     5); also the limit of each reconnection attempt.
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``
+    With ``amqps://``: the CA that signs the server's certificate (default:
+    the system's) and a client certificate, for servers with
+    ``ssl_options.fail_if_no_peer_cert = true``.
 
 Topology, all durable, in namespace ``ns``:
 
@@ -91,6 +95,7 @@ from aio_pika.exceptions import AMQPException
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
+from conveyor._tls import PYTHON, TlsFiles, tls_files
 from conveyor._urls import redact
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
@@ -99,7 +104,15 @@ from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RabbitMQBroker"]
 
-_OPTIONS = ("namespace", "queue_type", "max_priority", "prefetch", "heartbeat", "connect_timeout")
+_OPTIONS = (
+    "namespace",
+    "queue_type",
+    "max_priority",
+    "prefetch",
+    "heartbeat",
+    "connect_timeout",
+    *PYTHON,
+)
 _META = "conveyor"
 _CONFIRM_TIMEOUT = 30.0
 _REDECLARE_AFTER = 60.0
@@ -123,6 +136,7 @@ class _Config:
     max_priority: int
     prefetch: int
     connect_timeout: float
+    tls: TlsFiles
 
 
 def _parse(url: str) -> _Config:
@@ -131,9 +145,10 @@ def _parse(url: str) -> _Config:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
         raise ConfigError(f"invalid RabbitMQ URL {redact(url)!r}: {exc}") from None
-    if parts.scheme != "amqp" or not host:
+    if parts.scheme not in ("amqp", "amqps") or not host:
         raise ConfigError(
-            f"invalid RabbitMQ URL {redact(url)!r}: expected amqp://user:pass@host:port/vhost"
+            f"invalid RabbitMQ URL {redact(url)!r}: expected amqp://user:pass@host:port/vhost "
+            "(amqps:// for TLS)"
         )
     del port
     options: dict[str, str] = {}
@@ -174,7 +189,14 @@ def _parse(url: str) -> _Config:
         connect_timeout = -1.0
     if not 0 < connect_timeout < math.inf:
         raise ConfigError(f"invalid connect_timeout {raw!r} in {redact(url)!r}: seconds > 0")
-    return _Config(connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout)
+    tls = tls_files(options, url)
+    if tls and parts.scheme != "amqps":
+        raise ConfigError(
+            f"TLS options in {redact(url)!r} need the amqps:// scheme (amqp:// is plaintext)"
+        )
+    return _Config(
+        connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout, tls
+    )
 
 
 def _int_option(
@@ -358,8 +380,12 @@ class RabbitMQBroker:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
+                tls = self._config.tls
                 connection = await aio_pika.connect(
                     self._config.connection_url,
+                    ssl_context=tls.context()
+                    if self._config.connection_url.startswith("amqps:")
+                    else None,
                     timeout=self._config.connect_timeout,
                     client_properties={"connection_name": self.connection_name},
                 )
