@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     prefetch: int = pydantic.Field(default=64, gt=0, le=10_000)
     lease: float = pydantic.Field(default=60.0, gt=0)
     grace_period: float = pydantic.Field(default=30.0, ge=0)
+    migrate: bool = True
+    """Bring the store's tables to this release's layout when an App
+    connects (a locked, additive migration); off: refuse a database at an
+    older or unrecorded layout, for ``conveyor migrate`` to run first."""
     idle_poll: float = pydantic.Field(default=0.5, gt=0, le=60)
     inbox_retention: float = pydantic.Field(default=7 * 24 * 3600.0, gt=0)
     shed_above: int | None = pydantic.Field(

@@ -12,6 +12,7 @@ from conveyor import App, Settings
 from conveyor.errors import ConfigError
 from conveyor.http import ApiKeys
 from conveyor.http._audit import AuditLog
+from conveyor.store._schema import LAYOUT, ensure_layout
 from tests.namespaces import drop_all
 from tests.servers import POSTGRES_URL, namespaced
 
@@ -73,9 +74,10 @@ async def test_the_audit_log_pages_newest_first(app: App) -> None:
 
 
 async def test_a_table_from_before_scopes_gets_the_column_and_keeps_jobs(app: App) -> None:
-    """An existing key table without the scopes column is altered once (two
-    processes starting together take turns under the DDL lock); its keys keep
-    the jobs scope."""
+    """A database from before layouts were recorded, whose key table has no
+    scopes column, is migrated once (two processes starting together take
+    turns under the DDL lock); its keys keep the jobs scope, and what the
+    previous release writes (no scopes column) still goes in."""
     secret = await ApiKeys(app).create("old")
     async with app.store.transaction() as tx:
         await tx.execute(
@@ -84,10 +86,24 @@ async def test_a_table_from_before_scopes_gets_the_column_and_keeps_jobs(app: Ap
         )
         await tx.execute("DROP TABLE conveyor_api_keys")
         await tx.execute("ALTER TABLE k2 RENAME TO conveyor_api_keys")
-    first, second = ApiKeys(app), ApiKeys(app)
-    await asyncio.gather(first.ensure(), second.ensure())
-    for keys in (first, second, ApiKeys(app)):
+        await tx.execute("DROP TABLE conveyor_schema")
+    now = app.clock.time()
+    results = await asyncio.gather(
+        ensure_layout(app.store, migrate=True, now=now),
+        ensure_layout(app.store, migrate=True, now=now),
+    )
+    assert sorted(results, key=str) == sorted([(None, LAYOUT), (LAYOUT, LAYOUT)], key=str)
+    for keys in (ApiKeys(app), ApiKeys(app)):
         key = await keys.authenticate(secret)
         assert key is not None
         assert key.scopes == {"jobs"}
     assert (await ApiKeys(app).create("new", scopes=["admin:read"])).startswith("cvk_")
+    async with app.store.transaction() as tx:  # the previous release's INSERT
+        await tx.execute(
+            "INSERT INTO conveyor_api_keys (name, key_hash, created_at) VALUES (?, ?, ?)",
+            ("older-release", "0" * 64, now),
+        )
+        row = await tx.fetchone(
+            "SELECT scopes FROM conveyor_api_keys WHERE name = ?", ("older-release",)
+        )
+    assert row == ("jobs",)

@@ -728,6 +728,40 @@ def queues(
     console.print(table)
 
 
+@app.command()
+def migrate(
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    env_file: EnvOpt = None,
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
+) -> None:
+    """Bring the store's tables to this release's layout (what an App does
+    on start unless CONVEYOR_MIGRATE=false); safe to run again and beside
+    running workers."""
+    from conveyor.store._schema import LAYOUT, ensure_layout
+
+    settings = _settings(broker, store, env_file, log_level, log_format)
+
+    async def go() -> tuple[int | None, int]:
+        application = App("cli", settings=settings.model_copy(update={"migrate": True}))
+        try:
+            await application.store.connect()
+            return await ensure_layout(
+                application.store, migrate=True, now=application.clock.time()
+            )
+        finally:
+            await application.close()
+
+    found, now = _run(go)
+    where = redact(settings.resolved_store_url)
+    if found == now:
+        console.print(f"{where}: already at layout {LAYOUT}")
+    else:
+        was = "no recorded layout" if found is None else f"layout {found}"
+        console.print(f"{where}: {was} -> layout {now}")
+
+
 def _filter(
     ids: list[int] | None, group: str | None, topic: str | None, error_type: str | None
 ) -> DeadLetterFilter:

@@ -44,7 +44,6 @@ CREATE TABLE IF NOT EXISTS conveyor_api_keys (
     scopes TEXT NOT NULL DEFAULT 'jobs'
 )
 """
-_ADD_SCOPES = "ALTER TABLE conveyor_api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT 'jobs'"
 
 PREFIX = "cvk_"
 
@@ -96,16 +95,10 @@ class ApiKeys:
         if self._ready:
             return
         await self.app.connect()
+        # A table from before scopes got its column when the App connected
+        # (conveyor.store._schema, layout 2).
         async with self.app.store.transaction() as tx:
-            # On PostgreSQL the CREATE takes the namespace's DDL lock for the
-            # rest of the transaction: the column check and ALTER below run
-            # in one process at a time.
             await tx.execute(_SCHEMA)
-            try:
-                async with tx.savepoint():
-                    await tx.fetchone("SELECT scopes FROM conveyor_api_keys LIMIT 1")
-            except Exception:  # an older table: no such column
-                await tx.execute(_ADD_SCOPES)
         self._ready = True
 
     async def create(self, name: str, *, scopes: Iterable[str] = (JOBS,)) -> str:

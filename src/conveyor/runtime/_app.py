@@ -32,6 +32,7 @@ from conveyor.runtime._worker import Worker
 from conveyor.settings import Settings, load_settings
 from conveyor.store._factory import store_from_url
 from conveyor.store._protocol import Store, Transaction
+from conveyor.store._schema import ensure_layout
 
 __all__ = ["App"]
 
@@ -201,8 +202,9 @@ class App:
         every handler's subscription."""
         if self._connected:
             return
-        await self.broker.connect()
         await self.store.connect()
+        await ensure_layout(self.store, migrate=self.settings.migrate, now=self.clock.time())
+        await self.broker.connect()
         # Connected from here on, so that hooks may use transaction().
         self._connected = True
         try:
