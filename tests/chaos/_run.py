@@ -1,0 +1,536 @@
+"""One chaos run, bounded in time and count, with a seed.
+
+Processes (each a real child process, restarted after every kill):
+
+- ``orders`` x2: the order saga's orchestrator (``ORDERS_SERVICES=orders``);
+- ``participants`` x2: inventory, payment and shipping;
+- ``relay`` (when the store is not the broker's database): ``conveyor relay``;
+- ``front``: the HTTP front (uvicorn), which the load generator calls with an
+  ``Idempotency-Key`` per order, some keys submitted twice, retrying the same
+  key through every refused connection.
+
+Faults, one every 0.3-1.2 s, chosen by the seeded generator: ``kill -9`` of
+one process of each kind (then restarted), ``SIGSTOP`` of a worker past its
+lease (then ``SIGCONT``), and, on the server configurations, ``kill -9`` of
+the private broker or database server and its restart (same port, same
+data: Redis with ``appendfsync always``, PostgreSQL with its WAL).
+
+Then the load stops, every process is brought back, the system is left to
+become quiet, and the invariants are checked from the store (see
+``check``). Every loop is bounded by count and by a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from conveyor import App, Settings
+from conveyor.examples.orders.demo import PRODUCTS
+from conveyor.examples.orders.services import TERMINAL, check_invariants
+
+__all__ = ["CONFIGS", "Report", "run"]
+
+LEASE = 2.0
+"""The workers' lease: a SIGSTOP of 2.5-4 s outlives it."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class _Server:
+    """A private server the nemesis may kill -9 and start again."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with (self.workdir / f"{self.name}.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not _answers(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} did not start; see {self.workdir}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+class _Redis(_Server):
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0?namespace=chaos&retry_for=120"
+
+    def command(self) -> list[str]:
+        return [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+            "--dir", str(self.workdir), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always",
+        ]  # fmt: skip
+
+
+class _Postgres(_Server):
+    """A private cluster, run as the ``postgres`` user when this is root."""
+
+    name = "postgres"
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.data = workdir / "pgdata"
+        if os.geteuid() == 0:
+            shutil.chown(workdir, "postgres")
+        self._as_owner([str(self.BIN / "initdb"), "-D", str(self.data), "-U", "root",
+                        "--auth=trust", "-N"])  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://root@127.0.0.1:{self.port}/postgres?namespace=chaos&reconnect_for=120"
+
+    def _as_owner(self, argv: list[str]) -> None:
+        if os.geteuid() == 0:
+            argv = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(argv)]
+        subprocess.run(argv, check=True, capture_output=True)
+
+    def command(self) -> list[str]:
+        argv = [
+            str(self.BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-k", str(self.workdir), "-c", "listen_addresses=127.0.0.1",
+        ]  # fmt: skip
+        if os.geteuid() == 0:
+            return ["su", "postgres", "-s", "/bin/sh", "-c", "exec " + " ".join(argv)]
+        return argv
+
+    def kill(self) -> None:
+        # The postmaster, not the su wrapper: kill -9 as a crash would.
+        pid_file = self.data / "postmaster.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while _answers(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Orphaned backends exit once the postmaster is gone; the next start
+        # waits for the port (and its shared memory) to be free.
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._as_owner([str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                            "-w", "stop"])  # fmt: skip
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+
+
+@dataclass
+class _Setup:
+    broker_url: str
+    store_url: str
+    servers: list[_Server]
+    relay: bool
+
+
+def _sqlite(workdir: Path) -> _Setup:
+    url = f"sqlite:///{workdir / 'orders.db'}"
+    return _Setup(url, url, [], relay=False)
+
+
+def _redis_postgres(workdir: Path) -> _Setup:
+    redis, postgres = _Redis(workdir), _Postgres(workdir)
+    return _Setup(redis.url, postgres.url, [redis, postgres], relay=True)
+
+
+CONFIGS = {"sqlite": _sqlite, "redis-postgres": _redis_postgres}
+
+
+@dataclass
+class _Proc:
+    kind: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+    stopped: bool = False
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.stopped = False
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            assert self.popen is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait(30)
+
+
+@dataclass
+class Report:
+    config: str
+    seed: int
+    seconds: float
+    faults: Counter[str] = field(default_factory=Counter)
+    submitted: int = 0
+    duplicates: int = 0
+    accepted: int = 0
+    invariants: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.invariants) and all(held for _, held, _ in self.invariants)
+
+    def text(self) -> str:
+        lines = [
+            f"chaos {self.config}: seed {self.seed}, {self.seconds:.0f} s of faults, "
+            f"{self.submitted} orders submitted ({self.duplicates} submitted twice), "
+            f"{self.accepted} accepted",
+            "faults: " + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none"),
+        ]
+        lines += [
+            f"  [{'ok' if held else 'VIOLATED'}] {name}: {d}" for name, held, d in self.invariants
+        ]
+        return "\n".join(lines)
+
+
+def _processes(setup: _Setup, workdir: Path, front_port: int) -> list[_Proc]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "ORDERS_"))}
+    env = {
+        **base,
+        "CONVEYOR_BROKER_URL": setup.broker_url,
+        "CONVEYOR_STORE_URL": setup.store_url,
+        "CONVEYOR_LEASE": str(LEASE),
+        "CONVEYOR_IDLE_POLL": "0.05",
+        "CONVEYOR_GRACE_PERIOD": "5",
+        "CONVEYOR_LOG_LEVEL": "WARNING",
+        # Stock for some of a short run's orders: sagas that deliver and
+        # sagas that compensate.
+        "ORDERS_STOCK": "40",
+    }
+    worker = [sys.executable, "-m", "conveyor", "worker", "conveyor.examples.orders.run:app"]
+    front = [sys.executable, "-m", "uvicorn", "--factory", "conveyor.examples.orders.run:front"]
+    specs = [
+        ("orders", worker, {"ORDERS_SERVICES": "orders"}),
+        ("orders", worker, {"ORDERS_SERVICES": "orders"}),
+        ("participants", worker, {"ORDERS_SERVICES": "inventory,payment,shipping"}),
+        ("participants", worker, {"ORDERS_SERVICES": "inventory,payment,shipping"}),
+        (
+            "front",
+            [*front, "--port", str(front_port), "--log-level", "warning"],
+            {"ORDERS_SERVICES": ""},
+        ),
+    ]
+    if setup.relay:
+        specs.append(("relay", [sys.executable, "-m", "conveyor", "relay"], {}))
+    return [
+        _Proc(kind, argv, {**env, **extra}, workdir / f"{kind}-{i}.log")
+        for i, (kind, argv, extra) in enumerate(specs)
+    ]
+
+
+async def _load(
+    base: str, rng: random.Random, deadline: float, max_orders: int, report: Report
+) -> dict[str, str]:
+    """Submit orders until ``deadline`` (at most ``max_orders``); the id
+    accepted per Idempotency-Key."""
+    accepted: dict[str, str] = {}
+    skus = sorted(PRODUCTS)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for i in range(max_orders):
+            if time.monotonic() > deadline:
+                break
+            key = f"chaos-{report.seed}-{i}"
+            body = {"sku": rng.choice(skus), "qty": rng.randint(1, 2)}
+            times = 2 if rng.random() < 0.1 else 1
+            report.submitted += 1
+            report.duplicates += times - 1
+            for _ in range(times):
+                answer = await _post(client, key, body, deadline + 60)
+                if answer is not None and accepted.setdefault(key, answer) != answer:
+                    raise AssertionError(f"{key}: two orders ({accepted[key]}, {answer})")
+            await asyncio.sleep(rng.uniform(0.0, 0.05))
+    report.accepted = len(accepted)
+    return accepted
+
+
+async def _post(
+    client: httpx.AsyncClient, key: str, body: dict[str, object], deadline: float
+) -> str | None:
+    """POST until answered (the same key each time: idempotent); the id, or
+    None if the deadline passed first."""
+    while time.monotonic() < deadline:
+        try:
+            response = await client.post("/orders", json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError:
+            await asyncio.sleep(0.1)
+            continue
+        if response.status_code == 202:
+            return str(response.json()["id"])
+        if response.status_code >= 500 or response.status_code == 429:
+            await asyncio.sleep(0.1)
+            continue
+        raise AssertionError(f"{key}: {response.status_code} {response.text[:300]}")
+    return None
+
+
+def _nemesis(
+    procs: list[_Proc],
+    servers: list[_Server],
+    rng: random.Random,
+    deadline: float,
+    report: Report,
+    stop: threading.Event,
+) -> None:
+    """Faults until ``deadline`` or ``stop`` (a thread: kills block)."""
+    kinds = ["kill-orders", "kill-participants", "kill-front", "sigstop-worker"]
+    if any(p.kind == "relay" for p in procs):
+        kinds.append("kill-relay")
+    kinds += [f"restart-{s.name}" for s in servers]
+    for _ in range(10_000):
+        if time.monotonic() > deadline or stop.is_set():
+            return
+        time.sleep(rng.uniform(0.3, 1.2))
+        fault = rng.choice(kinds)
+        report.faults[fault] += 1
+        if fault.startswith("kill-"):
+            victim = rng.choice([p for p in procs if p.kind == fault[5:]])
+            victim.kill()
+            time.sleep(rng.uniform(0.0, 0.5))
+            victim.start()
+        elif fault == "sigstop-worker":
+            victim = rng.choice([p for p in procs if p.kind in ("orders", "participants")])
+            victim.signal(signal.SIGSTOP)
+            time.sleep(LEASE + rng.uniform(0.5, 2.0))
+            victim.signal(signal.SIGCONT)
+        else:
+            server = next(s for s in servers if fault == f"restart-{s.name}")
+            server.kill()
+            time.sleep(rng.uniform(0.2, 1.0))
+            server.start()
+
+
+async def _quiet(app: App, ids: set[str], deadline: float) -> None:
+    """Until every accepted order is terminal, or the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            async with app.transaction() as s:
+                rows = await s.fetchall("SELECT id, state FROM orders")
+        except Exception:  # a server still coming back
+            await asyncio.sleep(0.5)
+            continue
+        states = {str(r[0]): str(r[1]) for r in rows}
+        if all(states.get(i) in TERMINAL for i in ids):
+            return
+        await asyncio.sleep(0.5)
+
+
+async def check(app: App, accepted: dict[str, str]) -> list[tuple[str, bool, str]]:
+    """The order system's invariants, then the chaos run's own."""
+    results = await check_invariants(app)
+    async with app.transaction() as s:
+        stored = {str(r[0]) for r in await s.fetchall("SELECT id FROM orders")}
+        outbox = await s.fetchone("SELECT COUNT(*) FROM conveyor_outbox")
+        twice = await s.fetchone(
+            "SELECT COUNT(*) FROM (SELECT grp, msg_id FROM conveyor_inbox "
+            "GROUP BY grp, msg_id HAVING COUNT(*) > 1) t"
+        )
+        steps = await s.fetchone(
+            "SELECT COUNT(*) FROM (SELECT saga_id, step FROM conveyor_saga_steps "
+            "GROUP BY saga_id, step HAVING COUNT(*) > 1) t"
+        )
+        charges = await s.fetchone(
+            "SELECT COUNT(*) FROM (SELECT order_id FROM payments WHERE kind = 'charge' "
+            "AND status = 'OK' GROUP BY order_id HAVING COUNT(*) > 1) t"
+        )
+    ids = set(accepted.values())
+    missing, extra = ids - stored, stored - ids
+    results += [
+        (
+            "accepted orders == stored orders",
+            not missing and not extra,
+            f"{len(ids)} accepted, {len(stored)} stored"
+            + (f"; missing {sorted(missing)[:5]}" if missing else "")
+            + (f"; unexpected {sorted(extra)[:5]}" if extra else ""),
+        ),
+        (
+            "one order per Idempotency-Key",
+            len(ids) == len(accepted),
+            f"{len(accepted)} keys, {len(ids)} orders",
+        ),
+        (
+            "no order charged twice",
+            int(charges[0]) == 0 if charges else False,
+            f"{charges[0] if charges else '?'} orders",
+        ),
+        (
+            "no (group, message) applied twice",
+            twice is not None and int(twice[0]) == 0,
+            f"{twice[0] if twice else '?'} pairs",
+        ),
+        (
+            "no (saga, step) applied twice",
+            steps is not None and int(steps[0]) == 0,
+            f"{steps[0] if steps else '?'} pairs",
+        ),
+        (
+            "outbox drained",
+            outbox is not None and int(outbox[0]) == 0,
+            f"{outbox[0] if outbox else '?'} rows left",
+        ),
+    ]
+    return results
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="conveyor-chaos-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(
+    config: str, *, seconds: float, seed: int | None = None, max_orders: int = 100_000
+) -> Report:
+    """One run of ``seconds`` of faults under load on ``config``; the report
+    (``report.ok``: every invariant held)."""
+    seed = random.SystemRandom().randrange(1, 2**31) if seed is None else seed
+    report = Report(config, seed, seconds)
+    with _workdir() as workdir:
+        setup = CONFIGS[config](workdir)
+        for server in setup.servers:
+            server.start()
+        port = _free_port()
+        procs = _processes(setup, workdir, port)
+        try:
+            for proc in procs:
+                proc.start()
+            report.invariants = asyncio.run(
+                _drive(setup, procs, port, seconds, seed, max_orders, report)
+            )
+        except BaseException:
+            for log in sorted(workdir.glob("*.log")):
+                sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}\n")
+            raise
+        finally:
+            for proc in procs:
+                proc.signal(signal.SIGCONT)
+                proc.signal(signal.SIGTERM)
+            for proc in procs:
+                if proc.popen is not None:
+                    try:
+                        proc.popen.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            for server in setup.servers:
+                server.stop()
+    return report
+
+
+async def _drive(
+    setup: _Setup,
+    procs: list[_Proc],
+    port: int,
+    seconds: float,
+    seed: int,
+    max_orders: int,
+    report: Report,
+) -> list[tuple[str, bool, str]]:
+    rng = random.Random(seed)
+    app = App(
+        "chaos-check",
+        settings=Settings(broker_url=setup.broker_url, store_url=setup.store_url),
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):  # the front answers once it is connected
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(f"{base}/orders/none", timeout=2)).status_code == 404:
+                    break
+            await asyncio.sleep(0.1)
+    deadline = time.monotonic() + seconds
+    stop = threading.Event()
+    nemesis = asyncio.create_task(
+        asyncio.to_thread(
+            _nemesis, procs, setup.servers, random.Random(seed + 1), deadline, report, stop
+        )
+    )
+    try:
+        # The nemesis runs to the deadline even if the load ends first: the
+        # orders still in flight meet its faults.
+        accepted = await _load(base, rng, deadline, max_orders, report)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        await nemesis
+    for proc in procs:  # everything back up, nothing left stopped
+        proc.signal(signal.SIGCONT)
+        if not proc.alive():
+            proc.start()
+    async with app:
+        await _quiet(app, set(accepted.values()), time.monotonic() + 180)
+        return await check(app, accepted)
