@@ -174,12 +174,147 @@ class _Postgres(_Server):
                 self.proc.wait(30)
 
 
+class _RabbitMQ(_Server):
+    """A RabbitMQ node of the run's own (name, directories, cookie and
+    distribution port); kill -9 ends its Erlang VM, a start brings the same
+    node back over the same data."""
+
+    name = "rabbitmq"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.dist = _free_port()
+        (workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (workdir / "enabled_plugins").write_text("[].\n")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/?namespace=chaos&connect_timeout=120"
+
+    def command(self) -> list[str]:
+        return ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+
+    def start(self) -> None:
+        d = self.workdir
+        env = {
+            **os.environ,
+            "HOME": str(d),
+            "RABBITMQ_NODENAME": f"conveyor-chaos-{self.port}@localhost",
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "rabbitmq-log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
+            "RABBITMQ_DIST_PORT": str(self.dist),
+        }
+        with (d / "rabbitmq.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while not _answers(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"RabbitMQ did not start; see {d}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        # The Erlang VM (beam.smp), not the shell script that started it.
+        pid_file = self.workdir / "rabbitmq.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        super().kill()
+        deadline = time.monotonic() + 30
+        while _answers(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class _Proxy:
+    """A TCP proxy on 127.0.0.1 between the processes and one server, run on
+    an event loop of its own thread, that the nemesis turns into a network
+    fault: ``blackhole`` (connections stay open, nothing gets through, new
+    ones are accepted and hang), ``reset`` (every open connection is reset),
+    ``delay`` (each chunk waits 150 ms), then ``pass`` again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = _free_port()
+        self.mode = "pass"
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._links: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", self.port), self._loop
+        ).result(10)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._links.update((writer, up_writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            self._links.discard(w)
+            w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            await self._flowing.wait()  # cleared while blackholed
+            if self.mode == "delay":
+                await asyncio.sleep(0.15)
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    def set(self, fault: str) -> None:
+        def apply() -> None:
+            mode = fault
+            if mode == "reset":
+                for w in list(self._links):
+                    sock = w.get_extra_info("socket")
+                    if sock is not None:  # SO_LINGER 0: close sends RST
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0"
+                            )
+                    w.transport.abort()
+                self._links.clear()
+                mode = "pass"
+            self.mode = mode
+            if mode == "blackhole":
+                self._flowing.clear()
+            else:
+                self._flowing.set()
+
+        self._loop.call_soon_threadsafe(apply)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
 @dataclass
 class _Setup:
     broker_url: str
     store_url: str
     servers: list[_Server]
     relay: bool
+    proxies: dict[str, _Proxy] = field(default_factory=dict)
+    """The servers the processes reach through a proxy, by name."""
+
+
+def _through_proxy(setup: _Setup, server: _Server) -> None:
+    """The processes reach ``server`` (the broker) through a proxy."""
+    proxy = _Proxy(server.port)
+    setup.proxies[server.name] = proxy
+    setup.broker_url = setup.broker_url.replace(f":{server.port}/", f":{proxy.port}/", 1)
 
 
 def _sqlite(workdir: Path) -> _Setup:
@@ -189,10 +324,23 @@ def _sqlite(workdir: Path) -> _Setup:
 
 def _redis_postgres(workdir: Path) -> _Setup:
     redis, postgres = _Redis(workdir), _Postgres(workdir)
-    return _Setup(redis.url, postgres.url, [redis, postgres], relay=True)
+    setup = _Setup(redis.url, postgres.url, [redis, postgres], relay=True)
+    _through_proxy(setup, redis)
+    return setup
 
 
-CONFIGS = {"sqlite": _sqlite, "redis-postgres": _redis_postgres}
+def _rabbitmq_postgres(workdir: Path) -> _Setup:
+    rabbitmq, postgres = _RabbitMQ(workdir), _Postgres(workdir)
+    setup = _Setup(rabbitmq.url, postgres.url, [rabbitmq, postgres], relay=True)
+    _through_proxy(setup, rabbitmq)
+    return setup
+
+
+CONFIGS = {
+    "sqlite": _sqlite,
+    "redis-postgres": _redis_postgres,
+    "rabbitmq-postgres": _rabbitmq_postgres,
+}
 
 
 @dataclass
@@ -337,6 +485,7 @@ async def _post(
 def _nemesis(
     procs: list[_Proc],
     servers: list[_Server],
+    proxies: dict[str, _Proxy],
     rng: random.Random,
     deadline: float,
     report: Report,
@@ -347,6 +496,7 @@ def _nemesis(
     if any(p.kind == "relay" for p in procs):
         kinds.append("kill-relay")
     kinds += [f"restart-{s.name}" for s in servers]
+    kinds += [f"{fault}-{name}" for name in proxies for fault in ("blackhole", "reset", "delay")]
     for _ in range(10_000):
         if time.monotonic() > deadline or stop.is_set():
             return
@@ -363,11 +513,17 @@ def _nemesis(
             victim.signal(signal.SIGSTOP)
             time.sleep(LEASE + rng.uniform(0.5, 2.0))
             victim.signal(signal.SIGCONT)
-        else:
+        elif fault.startswith("restart-"):
             server = next(s for s in servers if fault == f"restart-{s.name}")
             server.kill()
             time.sleep(rng.uniform(0.2, 1.0))
             server.start()
+        else:
+            how, _, name = fault.partition("-")
+            proxies[name].set(how)
+            if how != "reset":
+                time.sleep(rng.uniform(0.5, 3.0))
+                proxies[name].set("pass")
 
 
 async def _quiet(app: App, ids: set[str], deadline: float) -> None:
@@ -487,6 +643,8 @@ def run(
                         proc.kill()
             for server in setup.servers:
                 server.stop()
+            for proxy in setup.proxies.values():
+                proxy.close()
     return report
 
 
@@ -515,7 +673,14 @@ async def _drive(
     stop = threading.Event()
     nemesis = asyncio.create_task(
         asyncio.to_thread(
-            _nemesis, procs, setup.servers, random.Random(seed + 1), deadline, report, stop
+            _nemesis,
+            procs,
+            setup.servers,
+            setup.proxies,
+            random.Random(seed + 1),
+            deadline,
+            report,
+            stop,
         )
     )
     try:
