@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conveyor import Settings
+from conveyor import Message, Settings
 from conveyor.http.redis_jobs import RedisJobStore
+from conveyor.runtime import Observer, Settlement
 from conveyor.testing import FakeClock, eventually, running
 from tests.helpers import settings_for
 from tests.http_jobs import Built, build
@@ -90,6 +91,28 @@ async def test_job_succeeds_with_its_result(store: str, tmp_path: Path) -> None:
         assert done["finished_at"] is not None
         final = await client.get(url)
         assert "retry-after" not in final.headers
+
+
+async def test_a_jobs_messages_carry_its_id_as_correlation_id(store: str, tmp_path: Path) -> None:
+    """The message a POST enqueues has the job id as its correlation id, so
+    the console's search and the job's log lines find it by the job id."""
+
+    class Settled(Observer):
+        def __init__(self) -> None:
+            self.messages: list[Message] = []
+
+        def settled(self, events: Sequence[Settlement]) -> None:
+            self.messages += [e.message for e in events]
+
+    async with built_on(store, tmp_path) as b, b.client() as client:
+        seen = Settled()
+        b.app.observe(seen)
+        body = (await client.post("/jobs/square", json={"n": 3})).json()
+        async with running(b.app):
+            await wait_status(client, body["status_url"], "SUCCEEDED")
+        jobs = [m for m in seen.messages if m.type == "conveyor.job"]
+        assert jobs
+        assert {m.correlation_id for m in jobs} == {body["id"]}
 
 
 async def test_progress_is_visible_and_delete_cancels(store: str, tmp_path: Path) -> None:

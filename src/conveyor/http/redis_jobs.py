@@ -45,7 +45,7 @@ from conveyor.http._jobs import (
     StoredResponse,
 )
 from conveyor.http._json import json_text
-from conveyor.messages import Message
+from conveyor.messages import CORRELATION_ID, Message
 from conveyor.runtime import App, Session
 
 try:
@@ -259,7 +259,10 @@ class RedisJobStore:
         idempotency: tuple[str, StoredResponse, float] | None = None,
     ) -> None:
         app = self._require_app()
-        message = app.outbound.build(topic, dict(payload), {"type": "conveyor.job"})
+        # The job id is its messages' correlation id (as on the SQL store).
+        message = app.outbound.build(
+            topic, dict(payload), {"type": "conveyor.job", "headers": {CORRELATION_ID: record.id}}
+        )
         entry = json.dumps(
             {"envelope": message.envelope(), "payload": base64.b64encode(message.payload).decode()}
         )

@@ -42,6 +42,7 @@ from conveyor.http._jobs import (
     StoredResponse,
 )
 from conveyor.http._json import json_text
+from conveyor.messages import CORRELATION_ID
 from conveyor.runtime import App, Session
 from conveyor.runtime._context import Publisher
 from conveyor.store._protocol import Store, Transaction
@@ -256,7 +257,11 @@ class SqlJobStore:
                     record.updated_at,
                 ),
             )
-            message = await session.publish(topic, dict(payload), type="conveyor.job")
+            # The job id is its messages' correlation id: the console's
+            # search and every log line of the job find them by it.
+            message = await session.publish(
+                topic, dict(payload), type="conveyor.job", headers={CORRELATION_ID: record.id}
+            )
             if idempotency is not None:
                 key, response, keep = idempotency
                 await session.execute(
