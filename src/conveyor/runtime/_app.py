@@ -76,6 +76,7 @@ class App:
         self._shedder: LoadShedder | None = None
         self._on_connect: list[Callable[[App], Awaitable[None]]] = []
         self.periodic: list[tuple[float, Callable[[App], Awaitable[None]]]] = []
+        self.at_stop: list[Callable[[App], Awaitable[None]]] = []
 
     @property
     def settings(self) -> Settings:
@@ -179,12 +180,14 @@ class App:
         return hook
 
     def every(
-        self, interval: float | timedelta
+        self, interval: float | timedelta, *, at_stop: bool = False
     ) -> Callable[[Callable[[App], Awaitable[None]]], Callable[[App], Awaitable[None]]]:
         """Run ``await task(app)`` in every worker, then again ``interval``
         after it returns, until the worker stops. A task that raises is
         logged and runs again at its next turn; it must be idempotent, since
-        every worker process runs it."""
+        every worker process runs it. With ``at_stop`` it also runs once
+        more when a worker stops, after its handlers have finished (for a
+        task that writes out what they left behind: a buffer, a journal)."""
         period = seconds(interval)
         if period <= 0:
             raise ConfigError(f"interval must be > 0 seconds, got {period}")
@@ -193,6 +196,8 @@ class App:
             task: Callable[[App], Awaitable[None]],
         ) -> Callable[[App], Awaitable[None]]:
             self.periodic.append((period, task))
+            if at_stop:
+                self.at_stop.append(task)
             return task
 
         return register

@@ -8,8 +8,9 @@ with the message, correlation and trace ids, and the state of the app's
 circuit breakers. The notes are buffered in memory (at most ``max_buffer``;
 past that they are dropped and counted in ``dropped``) and written by a
 periodic task of the worker every ``flush_every`` seconds, in a transaction
-of their own: the journal never slows or fails a handler's unit of work, and
-a crash loses at most the last unflushed notes. It is a diagnostic record,
+of their own, and once more when the worker stops: the journal never slows
+or fails a handler's unit of work, and only a crash loses the last
+unflushed notes. It is a diagnostic record,
 not a guarantee: rows older than ``keep`` are pruned.
 """
 
@@ -113,7 +114,8 @@ class Journal(Observer):
         self._pruned = 0.0
         app.observe(self)
         app.on_connect(self._tables)
-        app.every(flush_every)(self._periodic)
+        # Also once the worker's handlers are done: their last notes too.
+        app.every(flush_every, at_stop=True)(self._periodic)
 
     async def _tables(self, app: App) -> None:
         await create_tables(app.store)

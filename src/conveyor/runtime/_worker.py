@@ -271,6 +271,16 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for last in app.at_stop:  # what the handlers left: written out now
+                try:
+                    async with asyncio.timeout(self.grace_period or 5.0):
+                        await last(app)
+                except Exception:
+                    log.exception(
+                        "periodic task %s failed at stop",
+                        getattr(last, "__qualname__", last),
+                        extra={"event": "conveyor.periodic_failed"},
+                    )
             with contextlib.suppress(Exception):
                 await forget(store, self.id)
         log.info("worker stopped", extra={"event": "conveyor.worker_stopped"})
