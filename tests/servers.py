@@ -238,3 +238,85 @@ class SharedPostgres(Restartable):
     def stop(self) -> None:
         self._ctl("stop")
         _wait_port(5432, up=False, timeout=60, what="PostgreSQL")
+
+
+class PrivatePostgres(Restartable):
+    """A throw-away PostgreSQL cluster in a temporary directory on a free
+    port (run as the ``postgres`` user when this is root: initdb refuses
+    root): the one kind of PostgreSQL tests may stop, kill and start.
+
+    ``settings`` are extra ``-c name=value`` server settings, ``hba`` the
+    whole pg_hba.conf (default: trust), ``files`` copied into the data
+    directory, owned by the server, before its first start (certificates)."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(
+        self,
+        *,
+        settings: dict[str, str] | None = None,
+        hba: str | None = None,
+        files: tuple[Path, ...] = (),
+    ) -> None:
+        import shutil
+        import tempfile
+
+        # Not under pytest's tmp_path: the server's user must reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self.url = f"postgresql://root@127.0.0.1:{self.port}/postgres"
+        self.settings = settings or {}
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+        self._as_owner(f"{self.BIN}/initdb -D {self.data} -U root --auth=trust -N")
+        for path in files:
+            shutil.copy(path, self.data / path.name)
+            if os.geteuid() == 0:
+                shutil.chown(self.data / path.name, "postgres")
+            (self.data / path.name).chmod(0o600)
+        if hba is not None:
+            (self.data / "pg_hba.conf").write_text(hba)
+
+    def _as_owner(self, command: str) -> None:
+        argv = ["su", "postgres", "-s", "/bin/sh", "-c", command]
+        subprocess.run(
+            argv if os.geteuid() == 0 else ["/bin/sh", "-c", command],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        extra = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {extra}"
+        self._as_owner(
+            f"{self.BIN}/pg_ctl -D {self.data} -o '{options}' -l {self.dir}/log -w start"
+        )
+        _wait_port(self.port, up=True, timeout=30, what="PostgreSQL")
+
+    def stop(self) -> None:
+        self._as_owner(f"{self.BIN}/pg_ctl -D {self.data} -m fast -w stop")
+
+    def kill(self) -> None:
+        """kill -9 of the postmaster, as a crash would; its backends follow."""
+        import signal
+
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return
+        _wait_port(self.port, up=False, timeout=30, what="PostgreSQL")
+        deadline = time.monotonic() + 30
+        while (self.data / "postmaster.pid").exists() and time.monotonic() < deadline:
+            # A start after a crash wants the old backends gone from shared memory.
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)

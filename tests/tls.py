@@ -18,12 +18,12 @@ import datetime
 import ipaddress
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from cryptography import x509
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers import NatsServer, RedisServer, _wait_port
+from tests.servers import NatsServer, PrivatePostgres, RedisServer, _free_port, _wait_port
 
 __all__ = [
     "Certificates",
@@ -214,83 +214,26 @@ class TlsRedis(RedisServer):
         ]  # fmt: skip
 
 
-@cache
-def tls_redis() -> TlsRedis:
-    """The process's TLS-only Redis (started on first use, stopped at exit)."""
-    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-redis-"))
-    server = TlsRedis(workdir, certificates())
-    server.start()
-    atexit.register(shutil.rmtree, workdir, True)
-    atexit.register(server.stop)
-    return server
-
-
-@dataclass
-class TlsPostgres:
+class TlsPostgres(PrivatePostgres):
     """A private PostgreSQL cluster: ``ssl=on`` and one pg_hba line,
     ``hostssl all all 127.0.0.1/32 cert``: TLS with a client certificate
     signed by the test CA, whose CN is the user, or nothing."""
 
-    dir: Path
-    port: int
-    certs: Certificates
-    BIN = Path("/usr/lib/postgresql/15/bin")
-
-    @property
-    def url(self) -> str:
-        options = {"sslmode": "verify-full", **client_options(self.certs, libpq=True)}
-        return f"postgresql://root@127.0.0.1:{self.port}/postgres?" + urlencode(options)
-
-    @property
-    def plain_url(self) -> str:
-        return f"postgresql://root@127.0.0.1:{self.port}/postgres?sslmode=disable"
-
-    def _as_owner(self, command: str) -> None:
-        argv = ["su", "postgres", "-s", "/bin/sh", "-c", command]
-        subprocess.run(
-            argv if os.geteuid() == 0 else ["/bin/sh", "-c", command],
-            check=True,
-            capture_output=True,
+    def __init__(self, certs: Certificates) -> None:
+        super().__init__(
+            settings={
+                "ssl": "on",
+                "ssl_cert_file": "server.pem",
+                "ssl_key_file": "server.key",
+                "ssl_ca_file": "ca.pem",
+            },
+            hba="local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+            files=(certs.server_cert, certs.server_key, certs.ca),
         )
-
-    def start(self) -> None:
-        data = self.dir / "data"
-        if not data.exists():
-            self._as_owner(f"{self.BIN}/initdb -D {data} -U root --auth=trust -N")
-            # The server's own copies: its key must belong to it, mode 0600.
-            for name in ("server.pem", "server.key", "ca.pem"):
-                shutil.copy(self.certs.dir / name, data / name)
-                if os.geteuid() == 0:
-                    shutil.chown(data / name, "postgres")
-            (data / "server.key").chmod(0o600)
-            (data / "pg_hba.conf").write_text(
-                "local all all trust\nhostssl all all 127.0.0.1/32 cert\n"
-            )
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c ssl=on "
-            "-c ssl_cert_file=server.pem -c ssl_key_file=server.key -c ssl_ca_file=ca.pem"
-        )
-        self._as_owner(f"{self.BIN}/pg_ctl -D {data} -o '{options}' -l {self.dir}/log -w start")
-        _wait_port(self.port, up=True, timeout=30, what="PostgreSQL (TLS)")
-
-    def stop(self) -> None:
-        self._as_owner(f"{self.BIN}/pg_ctl -D {self.dir}/data -m fast -w stop")
-
-
-@cache
-def tls_postgres() -> TlsPostgres:
-    """The process's TLS-only PostgreSQL (started on first use, stopped at exit)."""
-    directory = Path(tempfile.mkdtemp(prefix="conveyor-tls-pg-"))
-    if os.geteuid() == 0:  # initdb refuses root
-        shutil.chown(directory, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = TlsPostgres(directory, port, certificates())
-    server.start()
-    atexit.register(shutil.rmtree, directory, True)
-    atexit.register(server.stop)
-    return server
+        self.certs = certs
+        options = {"sslmode": "verify-full", **client_options(certs, libpq=True)}
+        self.plain_url = f"{self.url}?sslmode=disable"
+        self.url = f"{self.url}?" + urlencode(options)
 
 
 class TlsNats(NatsServer):
@@ -311,24 +254,6 @@ class TlsNats(NatsServer):
             "--tlskey", str(c.server_key),
             "--tlscacert", str(c.ca),
         ]  # fmt: skip
-
-
-@cache
-def tls_nats() -> TlsNats:
-    """The process's TLS-only NATS (started on first use, stopped at exit)."""
-    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-nats-"))
-    server = TlsNats(workdir, certificates())
-    server.start()
-    atexit.register(shutil.rmtree, workdir, True)
-    atexit.register(server.stop)
-    return server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class TlsRabbitMQ:
@@ -385,12 +310,38 @@ class TlsRabbitMQ:
                 self.proc.wait()
 
 
+def _started(server: Any, *cleanup: Path) -> Any:
+    """``server`` started, to be stopped (and ``cleanup`` removed) at exit."""
+    server.start()
+    for path in cleanup:
+        atexit.register(shutil.rmtree, path, True)
+    atexit.register(server.stop)
+    return server
+
+
+@cache
+def tls_redis() -> TlsRedis:
+    """The process's TLS-only Redis (started on first use, stopped at exit)."""
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-redis-"))
+    return cast(TlsRedis, _started(TlsRedis(workdir, certificates()), workdir))
+
+
+@cache
+def tls_postgres() -> TlsPostgres:
+    """The process's TLS-only PostgreSQL (started on first use, stopped at exit)."""
+    server = TlsPostgres(certificates())
+    return cast(TlsPostgres, _started(server, server.dir))
+
+
+@cache
+def tls_nats() -> TlsNats:
+    """The process's TLS-only NATS (started on first use, stopped at exit)."""
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-nats-"))
+    return cast(TlsNats, _started(TlsNats(workdir, certificates()), workdir))
+
+
 @cache
 def tls_rabbitmq() -> TlsRabbitMQ:
     """The process's TLS-only RabbitMQ (started on first use, stopped at exit)."""
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-rabbitmq-"))
-    server = TlsRabbitMQ(workdir, certificates())
-    server.start()
-    atexit.register(shutil.rmtree, workdir, True)
-    atexit.register(server.stop)
-    return server
+    return cast(TlsRabbitMQ, _started(TlsRabbitMQ(workdir, certificates()), workdir))

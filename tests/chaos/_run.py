@@ -44,26 +44,12 @@ import httpx
 from conveyor import App, Settings
 from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.examples.orders.services import TERMINAL, check_invariants
+from tests.servers import PrivatePostgres, _answers, _free_port
 
 __all__ = ["CONFIGS", "Report", "run"]
 
 LEASE = 2.0
 """The workers' lease: a SIGSTOP of 2.5-4 s outlives it."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class _Server:
@@ -118,60 +104,19 @@ class _Redis(_Server):
         ]  # fmt: skip
 
 
-class _Postgres(_Server):
-    """A private cluster, run as the ``postgres`` user when this is root."""
+class _Postgres(PrivatePostgres):
+    """The run's PostgreSQL cluster (tests.servers.PrivatePostgres)."""
 
     name = "postgres"
-    BIN = Path("/usr/lib/postgresql/15/bin")
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
-        self.data = workdir / "pgdata"
-        if os.geteuid() == 0:
-            shutil.chown(workdir, "postgres")
-        self._as_owner([str(self.BIN / "initdb"), "-D", str(self.data), "-U", "root",
-                        "--auth=trust", "-N"])  # fmt: skip
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://root@127.0.0.1:{self.port}/postgres?namespace=chaos&reconnect_for=120"
-
-    def _as_owner(self, argv: list[str]) -> None:
-        if os.geteuid() == 0:
-            argv = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(argv)]
-        subprocess.run(argv, check=True, capture_output=True)
-
-    def command(self) -> list[str]:
-        argv = [
-            str(self.BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
-            "-k", str(self.workdir), "-c", "listen_addresses=127.0.0.1",
-        ]  # fmt: skip
-        if os.geteuid() == 0:
-            return ["su", "postgres", "-s", "/bin/sh", "-c", "exec " + " ".join(argv)]
-        return argv
-
-    def kill(self) -> None:
-        # The postmaster, not the su wrapper: kill -9 as a crash would.
-        pid_file = self.data / "postmaster.pid"
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        deadline = time.monotonic() + 30
-        while _answers(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # Orphaned backends exit once the postmaster is gone; the next start
-        # waits for the port (and its shared memory) to be free.
-        time.sleep(0.5)
+        super().__init__()
+        self.url = f"{self.url}?namespace=chaos&reconnect_for=120"
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._as_owner([str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
-                            "-w", "stop"])  # fmt: skip
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
+            super().stop()
+        self.remove()
 
 
 class _RabbitMQ(_Server):
@@ -304,7 +249,7 @@ class _Proxy:
 class _Setup:
     broker_url: str
     store_url: str
-    servers: list[_Server]
+    servers: list[_Server | _Postgres]
     relay: bool
     proxies: dict[str, _Proxy] = field(default_factory=dict)
     """The servers the processes reach through a proxy, by name."""
@@ -484,7 +429,7 @@ async def _post(
 
 def _nemesis(
     procs: list[_Proc],
-    servers: list[_Server],
+    servers: list[_Server | _Postgres],
     proxies: dict[str, _Proxy],
     rng: random.Random,
     deadline: float,

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +19,7 @@ from conveyor.messages import Message
 from conveyor.store import store_from_url
 from conveyor.testing import eventually
 from tests.postgres import drop_namespace_async
-from tests.servers import POSTGRES_URL, namespaced
+from tests.servers import POSTGRES_URL, PrivatePostgres, namespaced
 
 
 @pytest.fixture
@@ -266,44 +262,9 @@ def test_bad_postgres_url_is_one_line_config_error(query: str, needle: str) -> N
         assert "\n" not in str(info.value)
 
 
-class _PrivatePostgres:
-    """A throw-away PostgreSQL cluster in a temporary directory on a free
-    port: the one server these tests may stop and start."""
-
-    BIN = Path("/usr/lib/postgresql/15/bin")
-
-    def __init__(self) -> None:
-        # Not under pytest's tmp_path: the server's user must reach it.
-        self.dir = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"postgresql://root@127.0.0.1:{self.port}/postgres"
-        if os.geteuid() == 0:  # initdb refuses root
-            shutil.chown(self.dir, "postgres")
-        self._as_owner(f"{self.BIN}/initdb -D {self.dir}/data -U root --auth=trust -N")
-
-    def _as_owner(self, command: str) -> None:
-        argv = ["su", "postgres", "-s", "/bin/sh", "-c", command]
-        subprocess.run(
-            argv if os.geteuid() == 0 else ["/bin/sh", "-c", command],
-            check=True,
-            capture_output=True,
-        )
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        self._as_owner(
-            f"{self.BIN}/pg_ctl -D {self.dir}/data -o '{options}' -l {self.dir}/log -w start"
-        )
-
-    def stop(self) -> None:
-        self._as_owner(f"{self.BIN}/pg_ctl -D {self.dir}/data -m fast -w stop")
-
-
 @pytest.fixture
-def private_postgres() -> Iterator[_PrivatePostgres]:
-    server = _PrivatePostgres()
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
     try:
         server.start()
         yield server
@@ -313,7 +274,7 @@ def private_postgres() -> Iterator[_PrivatePostgres]:
         shutil.rmtree(server.dir, ignore_errors=True)
 
 
-async def test_reconnects_after_a_server_restart(private_postgres: _PrivatePostgres) -> None:
+async def test_reconnects_after_a_server_restart(private_postgres: PrivatePostgres) -> None:
     """Publishes and transactions during an outage wait (capped backoff) and go
     through once the server is back; nothing is lost or duplicated, and wait()
     hears NOTIFY again."""
