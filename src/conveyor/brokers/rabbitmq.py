@@ -380,15 +380,7 @@ class RabbitMQBroker:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                tls = self._config.tls
-                connection = await aio_pika.connect(
-                    self._config.connection_url,
-                    ssl_context=tls.context()
-                    if self._config.connection_url.startswith("amqps:")
-                    else None,
-                    timeout=self._config.connect_timeout,
-                    client_properties={"connection_name": self.connection_name},
-                )
+                connection = await self._open()
             except _DRIVER_ERRORS as exc:
                 self._failures += 1
                 self._next_try = time.monotonic() + min(0.1 * 2**self._failures, 5.0)
@@ -398,6 +390,24 @@ class RabbitMQBroker:
             self._failures = 0
             self._connection = connection
             return connection
+
+    async def _open(self) -> aio_pika.abc.AbstractConnection:
+        url = self._config.connection_url
+        task = asyncio.current_task()
+        try:
+            return await aio_pika.connect(
+                url,
+                ssl_context=self._config.tls.context() if url.startswith("amqps:") else None,
+                timeout=self._config.connect_timeout,
+                client_properties={"connection_name": self.connection_name},
+            )
+        except asyncio.CancelledError as exc:
+            # aiormq closing a connection reset mid-handshake cancels its own
+            # tasks, and that CancelledError reaches here: a failed attempt
+            # (tried again), unless this task itself is being cancelled.
+            if task is None or task.cancelling():
+                raise
+            raise ConnectionResetError(f"connection closed during the handshake: {exc!r}") from exc
 
     def _safe_url(self) -> str:
         parts = urlsplit(self._config.connection_url)

@@ -1,0 +1,55 @@
+"""A RabbitMQ connection reset during the AMQP handshake: aiormq cancels its
+own tasks and a CancelledError comes out of aio_pika.connect. That is a
+failed attempt (tried again by connect_within), not a cancellation of the
+caller; a real cancellation still cancels."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from conveyor.brokers.rabbitmq import RabbitMQBroker
+from conveyor.errors import BrokerError
+
+
+def test_a_cancelled_error_from_inside_the_driver_is_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise asyncio.CancelledError()  # as aiormq's close() does to its tasks
+
+    monkeypatch.setattr("aio_pika.connect", connect)
+    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=0.5")
+
+    async def main() -> None:
+        with pytest.raises(BrokerError, match="connection closed during the handshake"):
+            await broker.connect()
+
+    asyncio.run(main())
+    assert calls >= 2  # tried again, within connect_timeout
+
+
+def test_cancelling_the_caller_still_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
+    started = asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr("aio_pika.connect", connect)
+    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=60")
+
+    async def main() -> None:
+        task = asyncio.create_task(broker.connect())
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
