@@ -320,3 +320,61 @@ class PrivatePostgres(Restartable):
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRabbitMQ(Restartable):
+    """A RabbitMQ node of the tests' own: its own node name, directories,
+    Erlang cookie (``HOME``) and distribution port, so it never meets the
+    machine's shared node. ``config`` is its rabbitmq.conf (default: one
+    plaintext listener on ``port``); ``kill`` ends its Erlang VM as a crash
+    would, ``start`` brings the same node back over the same data."""
+
+    def __init__(self, workdir: Path, config: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.dist = _free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.config = config or f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        d = self.workdir
+        (d / "rabbitmq.conf").write_text(self.config + "loopback_users = none\n")
+        (d / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(d),
+            "RABBITMQ_NODENAME": f"conveyor-test-{self.port}@localhost",
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "rabbitmq-log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
+            "RABBITMQ_DIST_PORT": str(self.dist),
+        }
+        with (d / "rabbitmq.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=env, stdout=log, stderr=log
+            )
+        _wait_port(self.port, up=True, timeout=120, what="RabbitMQ")
+
+    def kill(self) -> None:
+        import contextlib
+        import signal
+
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((self.workdir / "rabbitmq.pid").read_text().split()[0]), signal.SIGKILL)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(30)
+        _wait_port(self.port, up=False, timeout=30, what="RabbitMQ")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

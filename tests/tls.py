@@ -16,9 +16,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import ipaddress
-import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -31,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers import NatsServer, PrivatePostgres, RedisServer, _free_port, _wait_port
+from tests.servers import NatsServer, PrivatePostgres, PrivateRabbitMQ, RedisServer
 
 __all__ = [
     "Certificates",
@@ -256,58 +254,25 @@ class TlsNats(NatsServer):
         ]  # fmt: skip
 
 
-class TlsRabbitMQ:
-    """A RabbitMQ node of the tests' own (its own name, directories, cookie
-    and distribution port) whose only listener is TLS with client
-    certificates required."""
+class TlsRabbitMQ(PrivateRabbitMQ):
+    """A RabbitMQ node of the tests' own whose only listener is TLS with
+    client certificates required."""
 
     def __init__(self, workdir: Path, certs: Certificates) -> None:
-        self.workdir = workdir
+        super().__init__(workdir)
         self.certs = certs
-        self.port = _free_port()
+        self.config = (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {self.port}\n"
+            f"ssl_options.cacertfile = {certs.ca}\n"
+            f"ssl_options.certfile = {certs.server_cert}\n"
+            f"ssl_options.keyfile = {certs.server_key}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
+        )
         self.url = f"amqps://guest:guest@127.0.0.1:{self.port}/?" + urlencode(
             client_options(certs, libpq=False)
         )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        c, d = self.certs, self.workdir
-        (d / "rabbitmq.conf").write_text(
-            "listeners.tcp = none\n"
-            f"listeners.ssl.default = {self.port}\n"
-            f"ssl_options.cacertfile = {c.ca}\n"
-            f"ssl_options.certfile = {c.server_cert}\n"
-            f"ssl_options.keyfile = {c.server_key}\n"
-            "ssl_options.verify = verify_peer\n"
-            "ssl_options.fail_if_no_peer_cert = true\n"
-            "loopback_users = none\n"
-        )
-        (d / "enabled_plugins").write_text("[].\n")
-        env = {
-            **os.environ,
-            "HOME": str(d),  # its own Erlang cookie
-            "RABBITMQ_NODENAME": f"conveyor-tls-{self.port}@localhost",
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(d / "pid"),
-            "RABBITMQ_DIST_PORT": str(_free_port()),
-        }
-        with (d / "server.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=env, stdout=log, stderr=log
-            )
-        _wait_port(self.port, up=True, timeout=90, what="RabbitMQ (TLS)")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _started(server: Any, *cleanup: Path) -> Any:

@@ -44,7 +44,7 @@ import httpx
 from conveyor import App, Settings
 from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.examples.orders.services import TERMINAL, check_invariants
-from tests.servers import PrivatePostgres, _answers, _free_port
+from tests.servers import PrivatePostgres, PrivateRabbitMQ, _answers, _free_port
 
 __all__ = ["CONFIGS", "Report", "run"]
 
@@ -119,58 +119,14 @@ class _Postgres(PrivatePostgres):
         self.remove()
 
 
-class _RabbitMQ(_Server):
-    """A RabbitMQ node of the run's own (name, directories, cookie and
-    distribution port); kill -9 ends its Erlang VM, a start brings the same
-    node back over the same data."""
+class _RabbitMQ(PrivateRabbitMQ):
+    """The run's RabbitMQ node (tests.servers.PrivateRabbitMQ)."""
 
     name = "rabbitmq"
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        self.dist = _free_port()
-        (workdir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
-        (workdir / "enabled_plugins").write_text("[].\n")
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/?namespace=chaos&connect_timeout=120"
-
-    def command(self) -> list[str]:
-        return ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
-
-    def start(self) -> None:
-        d = self.workdir
-        env = {
-            **os.environ,
-            "HOME": str(d),
-            "RABBITMQ_NODENAME": f"conveyor-chaos-{self.port}@localhost",
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "rabbitmq-log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
-            "RABBITMQ_DIST_PORT": str(self.dist),
-        }
-        with (d / "rabbitmq.log").open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
-        while not _answers(self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"RabbitMQ did not start; see {d}")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        # The Erlang VM (beam.smp), not the shell script that started it.
-        pid_file = self.workdir / "rabbitmq.pid"
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-        super().kill()
-        deadline = time.monotonic() + 30
-        while _answers(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.url = f"{self.url}?namespace=chaos&connect_timeout=120"
 
 
 class _Proxy:
@@ -249,13 +205,13 @@ class _Proxy:
 class _Setup:
     broker_url: str
     store_url: str
-    servers: list[_Server | _Postgres]
+    servers: list[_Server | _Postgres | _RabbitMQ]
     relay: bool
     proxies: dict[str, _Proxy] = field(default_factory=dict)
     """The servers the processes reach through a proxy, by name."""
 
 
-def _through_proxy(setup: _Setup, server: _Server) -> None:
+def _through_proxy(setup: _Setup, server: _Server | _RabbitMQ) -> None:
     """The processes reach ``server`` (the broker) through a proxy."""
     proxy = _Proxy(server.port)
     setup.proxies[server.name] = proxy
@@ -325,6 +281,9 @@ class Report:
     seed: int
     seconds: float
     faults: Counter[str] = field(default_factory=Counter)
+    exits: Counter[str] = field(default_factory=Counter)
+    """Processes that exited on their own (a server they needed was down at
+    their start) and were started again, by kind."""
     submitted: int = 0
     duplicates: int = 0
     accepted: int = 0
@@ -340,6 +299,8 @@ class Report:
             f"{self.submitted} orders submitted ({self.duplicates} submitted twice), "
             f"{self.accepted} accepted",
             "faults: " + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none"),
+            "exited on their own and restarted: "
+            + (", ".join(f"{k} x{n}" for k, n in sorted(self.exits.items())) or "none"),
         ]
         lines += [
             f"  [{'ok' if held else 'VIOLATED'}] {name}: {d}" for name, held, d in self.invariants
@@ -347,7 +308,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _processes(setup: _Setup, workdir: Path, front_port: int) -> list[_Proc]:
+def _processes(setup: _Setup, workdir: Path, front_port: int, stock: int) -> list[_Proc]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "ORDERS_"))}
     env = {
         **base,
@@ -357,9 +318,9 @@ def _processes(setup: _Setup, workdir: Path, front_port: int) -> list[_Proc]:
         "CONVEYOR_IDLE_POLL": "0.05",
         "CONVEYOR_GRACE_PERIOD": "5",
         "CONVEYOR_LOG_LEVEL": "WARNING",
-        # Stock for some of a short run's orders: sagas that deliver and
-        # sagas that compensate.
-        "ORDERS_STOCK": "40",
+        # Stock for about half the orders (some 20 a second over 8 SKUs):
+        # sagas that deliver and sagas that compensate.
+        "ORDERS_STOCK": str(stock),
     }
     worker = [sys.executable, "-m", "conveyor", "worker", "conveyor.examples.orders.run:app"]
     front = [sys.executable, "-m", "uvicorn", "--factory", "conveyor.examples.orders.run:front"]
@@ -429,23 +390,31 @@ async def _post(
 
 def _nemesis(
     procs: list[_Proc],
-    servers: list[_Server | _Postgres],
+    servers: list[_Server | _Postgres | _RabbitMQ],
     proxies: dict[str, _Proxy],
     rng: random.Random,
     deadline: float,
     report: Report,
     stop: threading.Event,
 ) -> None:
-    """Faults until ``deadline`` or ``stop`` (a thread: kills block)."""
+    """Faults until ``deadline``; until ``stop``, a supervisor's part too:
+    a process that exited on its own is started again (a thread: kills
+    block). Bounded: at most 10,000 turns."""
     kinds = ["kill-orders", "kill-participants", "kill-front", "sigstop-worker"]
     if any(p.kind == "relay" for p in procs):
         kinds.append("kill-relay")
     kinds += [f"restart-{s.name}" for s in servers]
     kinds += [f"{fault}-{name}" for name in proxies for fault in ("blackhole", "reset", "delay")]
     for _ in range(10_000):
-        if time.monotonic() > deadline or stop.is_set():
+        if stop.is_set():
             return
         time.sleep(rng.uniform(0.3, 1.2))
+        for proc in procs:
+            if not proc.alive():
+                report.exits[proc.kind] += 1
+                proc.start()
+        if time.monotonic() > deadline:
+            continue
         fault = rng.choice(kinds)
         report.faults[fault] += 1
         if fault.startswith("kill-"):
@@ -565,7 +534,7 @@ def run(
         for server in setup.servers:
             server.start()
         port = _free_port()
-        procs = _processes(setup, workdir, port)
+        procs = _processes(setup, workdir, port, stock=max(40, int(seconds * 1.2)))
         try:
             for proc in procs:
                 proc.start()
@@ -629,13 +598,13 @@ async def _drive(
         )
     )
     try:
-        # The nemesis runs to the deadline even if the load ends first: the
-        # orders still in flight meet its faults.
+        # The nemesis runs to the deadline even if the load ends first (the
+        # orders still in flight meet its faults), and supervises until the
+        # load has its last answer.
         accepted = await _load(base, rng, deadline, max_orders, report)
-    except BaseException:
-        stop.set()
-        raise
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
     finally:
+        stop.set()
         await nemesis
     for proc in procs:  # everything back up, nothing left stopped
         proc.signal(signal.SIGCONT)
