@@ -196,9 +196,21 @@ class _Proxy:
         self._loop.call_soon_threadsafe(apply)
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        async def shut() -> None:
+            self._server.close()
+            for w in list(self._links):
+                w.transport.abort()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._thread.join(30)
+        self._loop.close()
 
 
 @dataclass
@@ -396,10 +408,14 @@ def _nemesis(
     deadline: float,
     report: Report,
     stop: threading.Event,
+    min_faults: int = 0,
 ) -> None:
-    """Faults until ``deadline``; until ``stop``, a supervisor's part too:
+    """Faults until ``deadline``, and on until ``min_faults`` were injected
+    (a busy machine stretches each fault; never past twice the run's
+    length); until ``stop``, a supervisor's part too:
     a process that exited on its own is started again (a thread: kills
     block). Bounded: at most 10,000 turns."""
+    last = deadline + (deadline - time.monotonic())
     kinds = ["kill-orders", "kill-participants", "kill-front", "sigstop-worker"]
     if any(p.kind == "relay" for p in procs):
         kinds.append("kill-relay")
@@ -413,7 +429,8 @@ def _nemesis(
             if not proc.alive():
                 report.exits[proc.kind] += 1
                 proc.start()
-        if time.monotonic() > deadline:
+        injected = sum(report.faults.values())
+        if time.monotonic() > deadline and (injected >= min_faults or time.monotonic() > last):
             continue
         fault = rng.choice(kinds)
         report.faults[fault] += 1
@@ -523,7 +540,12 @@ def _workdir() -> Iterator[Path]:
 
 
 def run(
-    config: str, *, seconds: float, seed: int | None = None, max_orders: int = 100_000
+    config: str,
+    *,
+    seconds: float,
+    seed: int | None = None,
+    max_orders: int = 100_000,
+    min_faults: int = 0,
 ) -> Report:
     """One run of ``seconds`` of faults under load on ``config``; the report
     (``report.ok``: every invariant held)."""
@@ -539,7 +561,7 @@ def run(
             for proc in procs:
                 proc.start()
             report.invariants = asyncio.run(
-                _drive(setup, procs, port, seconds, seed, max_orders, report)
+                _drive(setup, procs, port, seconds, seed, max_orders, min_faults, report)
             )
         except BaseException:
             for log in sorted(workdir.glob("*.log")):
@@ -569,6 +591,7 @@ async def _drive(
     seconds: float,
     seed: int,
     max_orders: int,
+    min_faults: int,
     report: Report,
 ) -> list[tuple[str, bool, str]]:
     rng = random.Random(seed)
@@ -595,14 +618,20 @@ async def _drive(
             deadline,
             report,
             stop,
+            min_faults,
         )
     )
     try:
         # The nemesis runs to the deadline even if the load ends first (the
         # orders still in flight meet its faults), and supervises until the
-        # load has its last answer.
+        # load has its last answer, and past it until ``min_faults``.
         accepted = await _load(base, rng, deadline, max_orders, report)
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        for _ in range(10_000):
+            enough = sum(report.faults.values()) >= min_faults
+            if enough or nemesis.done() or time.monotonic() > deadline + seconds:
+                break
+            await asyncio.sleep(0.2)
     finally:
         stop.set()
         await nemesis

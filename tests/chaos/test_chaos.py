@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_no_fault_loses_or_doubles_anything(config: str) -> None:
     seed = int(os.environ["CHAOS_SEED"]) if "CHAOS_SEED" in os.environ else None
-    report = run(config, seconds=25, seed=seed, max_orders=400)
+    report = run(config, seconds=25, seed=seed, max_orders=400, min_faults=10)
     print(report.text())
     assert sum(report.faults.values()) >= 10, report.text()
     assert report.accepted > 0, report.text()
