@@ -1,8 +1,22 @@
 from __future__ import annotations
 
+import signal
+import sys
+from types import FrameType
+
 import pytest
 
 from tests.servers import require_servers
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (a CI timeout, a kill) exits through atexit, which stops the
+    # private servers the run started (TLS, chaos) instead of orphaning them.
+    sys.exit(128 + signum)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 @pytest.fixture(scope="session", autouse=True)
