@@ -133,6 +133,13 @@ class _Private(Restartable):
             KafkaServer("", self.proc).stop()  # terminate, then kill after 10 s
         _wait_port(self.port, up=False, timeout=30, what=self.name)
 
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        _wait_port(self.port, up=False, timeout=30, what=self.name)
+
     def close(self) -> None:
         self.stop()
 

@@ -44,7 +44,7 @@ import httpx
 from conveyor import App, Settings
 from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.examples.orders.services import TERMINAL, check_invariants
-from tests.servers import PrivatePostgres, PrivateRabbitMQ, _answers, _free_port
+from tests.servers import PrivatePostgres, PrivateRabbitMQ, RedisServer, _free_port
 
 __all__ = ["CONFIGS", "Report", "run"]
 
@@ -52,56 +52,14 @@ LEASE = 2.0
 """The workers' lease: a SIGSTOP of 2.5-4 s outlives it."""
 
 
-class _Server:
-    """A private server the nemesis may kill -9 and start again."""
+class _Redis(RedisServer):
+    """The run's Redis (tests.servers.RedisServer: every write fsynced)."""
 
-    name = "server"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        with (self.workdir / f"{self.name}.log").open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not _answers(self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} did not start; see {self.workdir}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
-class _Redis(_Server):
     name = "redis"
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0?namespace=chaos&retry_for=120"
-
-    def command(self) -> list[str]:
-        return [
-            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-            "--dir", str(self.workdir), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always",
-        ]  # fmt: skip
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.url = f"redis://127.0.0.1:{self.port}/0?namespace=chaos&retry_for=120"
 
 
 class _Postgres(PrivatePostgres):
@@ -217,13 +175,13 @@ class _Proxy:
 class _Setup:
     broker_url: str
     store_url: str
-    servers: list[_Server | _Postgres | _RabbitMQ]
+    servers: list[_Redis | _Postgres | _RabbitMQ]
     relay: bool
     proxies: dict[str, _Proxy] = field(default_factory=dict)
     """The servers the processes reach through a proxy, by name."""
 
 
-def _through_proxy(setup: _Setup, server: _Server | _RabbitMQ) -> None:
+def _through_proxy(setup: _Setup, server: _Redis | _RabbitMQ) -> None:
     """The processes reach ``server`` (the broker) through a proxy."""
     proxy = _Proxy(server.port)
     setup.proxies[server.name] = proxy
@@ -402,7 +360,7 @@ async def _post(
 
 def _nemesis(
     procs: list[_Proc],
-    servers: list[_Server | _Postgres | _RabbitMQ],
+    servers: list[_Redis | _Postgres | _RabbitMQ],
     proxies: dict[str, _Proxy],
     rng: random.Random,
     deadline: float,
