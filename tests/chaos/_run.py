@@ -49,6 +49,8 @@ from tests.servers import PrivatePostgres, PrivateRabbitMQ, RedisServer, _free_p
 __all__ = ["CONFIGS", "Report", "run"]
 
 LEASE = 2.0
+MIN_FAULTS_GRACE = 180.0
+"""How long past its deadline a run may go on to reach ``min_faults``."""
 """The workers' lease: a SIGSTOP of 2.5-4 s outlives it."""
 
 
@@ -369,11 +371,12 @@ def _nemesis(
     min_faults: int = 0,
 ) -> None:
     """Faults until ``deadline``, and on until ``min_faults`` were injected
-    (a busy machine stretches each fault; never past twice the run's
-    length); until ``stop``, a supervisor's part too:
-    a process that exited on its own is started again (a thread: kills
-    block). Bounded: at most 10,000 turns."""
-    last = deadline + (deadline - time.monotonic())
+    (a busy machine stretches each fault, a RabbitMQ restart above all), for
+    at most the run's length again or ``MIN_FAULTS_GRACE`` seconds, whichever
+    is more; until ``stop``, a supervisor's part too: a process that exited
+    on its own is started again (a thread: kills block). Bounded: at most
+    10,000 turns."""
+    last = deadline + max(deadline - time.monotonic(), MIN_FAULTS_GRACE)
     kinds = ["kill-orders", "kill-participants", "kill-front", "sigstop-worker"]
     if any(p.kind == "relay" for p in procs):
         kinds.append("kill-relay")
@@ -587,7 +590,11 @@ async def _drive(
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         for _ in range(10_000):
             enough = sum(report.faults.values()) >= min_faults
-            if enough or nemesis.done() or time.monotonic() > deadline + seconds:
+            if (
+                enough
+                or nemesis.done()
+                or time.monotonic() > deadline + max(seconds, MIN_FAULTS_GRACE)
+            ):
                 break
             await asyncio.sleep(0.2)
     finally:
