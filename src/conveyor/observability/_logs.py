@@ -100,7 +100,15 @@ def configure_logging(
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            colors=(stream or sys.stderr).isatty(), event_key="message", pad_event_to=0
+            colors=(stream or sys.stderr).isatty(),
+            event_key="message",
+            pad_event_to=0,
+            # No frame locals: they may hold secrets (a URL's password, an
+            # API key), and rendering large ones took a worker's CPU for
+            # minutes per record when a broker kept failing.
+            exception_formatter=structlog.dev.RichTracebackFormatter(
+                show_locals=False, max_frames=30
+            ),
         )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
