@@ -83,11 +83,9 @@ class RedisConfig:
                 "use 1-100 letters, digits, '_', '.' or '-'"
             )
         self.ssl = parts.scheme == "rediss"
-        self.tls: TlsFiles = tls_files({k: v[-1] for k, v in query.items()}, url)
-        if self.tls and not self.ssl:
-            raise ConfigError(
-                f"TLS options in {safe!r} need the rediss:// scheme (redis:// is plaintext)"
-            )
+        self.tls: TlsFiles = tls_files(
+            {k: v[-1] for k, v in query.items()}, url, schemes=("redis", "rediss")
+        )
         self.host = parts.hostname
         self.port = port
         self.db = int(path)

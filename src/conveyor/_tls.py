@@ -54,10 +54,16 @@ class TlsFiles:
 
 
 def tls_files(
-    options: Mapping[str, str], url: str, *, names: tuple[str, str, str] = PYTHON
+    options: Mapping[str, str],
+    url: str,
+    *,
+    names: tuple[str, str, str] = PYTHON,
+    schemes: tuple[str, str] | None = None,
 ) -> TlsFiles:
     """The files ``options`` (a URL's query, one value per name) name under
-    ``names`` (CA, certificate, key), each checked to be a readable file."""
+    ``names`` (CA, certificate, key), each checked to be a readable file.
+    With ``schemes`` (plaintext, TLS: ``("redis", "rediss")``) they are
+    refused on a URL of the plaintext scheme."""
     found: list[str | None] = []
     for name in names:
         path = options.get(name)
@@ -74,7 +80,13 @@ def tls_files(
     ca, cert, key = found
     if key is not None and cert is None:
         raise ConfigError(f"{names[2]} without {names[1]} in {redact(url)!r}: name both")
-    return TlsFiles(ca, cert, key)
+    tls = TlsFiles(ca, cert, key)
+    if tls and schemes is not None and url.startswith(f"{schemes[0]}:"):
+        plain, secure = schemes
+        raise ConfigError(
+            f"TLS options in {redact(url)!r} need the {secure}:// scheme ({plain}:// is plaintext)"
+        )
+    return tls
 
 
 def tls_failure(exc: BaseException | None) -> str | None:

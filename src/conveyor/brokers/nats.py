@@ -211,17 +211,8 @@ def _parse(url: str) -> _Config:
         max_age=number("max_age", 7 * 86400.0, float, 60.0),
         timeout=number("timeout", 30.0, float, 0.1),
         connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
-        tls=_tls(parts.scheme, values, url),
+        tls=tls_files(values, url, schemes=("nats", "tls")),
     )
-
-
-def _tls(scheme: str, values: dict[str, str], url: str) -> TlsFiles:
-    tls = tls_files(values, url)
-    if tls and scheme != "tls":
-        raise ConfigError(
-            f"TLS options in {redact(url)!r} need the tls:// scheme (nats:// is plaintext)"
-        )
-    return tls
 
 
 def _digest(*parts: str, size: int = 20) -> str:

@@ -189,11 +189,7 @@ def _parse(url: str) -> _Config:
         connect_timeout = -1.0
     if not 0 < connect_timeout < math.inf:
         raise ConfigError(f"invalid connect_timeout {raw!r} in {redact(url)!r}: seconds > 0")
-    tls = tls_files(options, url)
-    if tls and parts.scheme != "amqps":
-        raise ConfigError(
-            f"TLS options in {redact(url)!r} need the amqps:// scheme (amqp:// is plaintext)"
-        )
+    tls = tls_files(options, url, schemes=("amqp", "amqps"))
     return _Config(
         connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout, tls
     )
