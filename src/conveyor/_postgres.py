@@ -35,15 +35,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
-from conveyor._tls import LIBPQ, tls_files
-from conveyor._urls import redact
+from conveyor._tls import LIBPQ, tls_files, tls_options
+from conveyor._urls import Option, redact, url_options
 from conveyor.errors import ConfigError, ConveyorError, StoreError
 
 __all__ = [
@@ -62,12 +62,24 @@ __all__ = [
 T = TypeVar("T")
 
 
-_NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _DDL = re.compile(r"\s*(CREATE|ALTER|DROP|COMMENT|GRANT)\b", re.IGNORECASE)
-_INT_OPTIONS = {"pool_min": 1, "pool_max": 10}
-_FLOAT_OPTIONS = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT, "reconnect_for": 30.0}
+_OPTIONS = {
+    "namespace": Option(
+        "public",
+        pattern=_NAMESPACE,
+        expect="letters, digits and _ (at most 63, not starting with a digit)",
+    ),
+    "pool_min": Option(1, int, low=0),
+    "pool_max": Option(10, int, low=1),
+    "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, above=0),
+    "reconnect_for": Option(30.0, float, above=0),
+    "sslmode": Option(
+        None, choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+    ),
+    **tls_options(LIBPQ),
+}
 _PASSTHROUGH = ("sslmode", *LIBPQ)
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 # Errors that mean the connection or server went away: worth a reconnect.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -145,54 +157,18 @@ def parse_url(url: str) -> PgOptions:
         raise ConfigError(f"invalid PostgreSQL URL {redact(url)!r}: no host")
     if parts.path.strip("/") == "" or "/" in parts.path.strip("/"):
         raise ConfigError(f"invalid PostgreSQL URL {redact(url)!r}: name one database, as in /mydb")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    namespace = query.pop("namespace", ["public"])[-1]
-    if not _NAMESPACE.match(namespace):
-        raise ConfigError(
-            f"invalid namespace={namespace!r} in {redact(url)!r}: use letters, digits and _ "
-            "(at most 63, not starting with a digit)"
-        )
-    values: dict[str, Any] = {}
-    for name, default in _INT_OPTIONS.items():
-        raw = query.pop(name, [str(default)])[-1]
-        try:
-            values[name] = int(raw)
-        except ValueError:
-            raise ConfigError(
-                f"invalid {name}={raw!r} in {redact(url)!r}: expected an integer"
-            ) from None
-        if values[name] < (0 if name == "pool_min" else 1):
-            raise ConfigError(f"invalid {name}={raw!r} in {redact(url)!r}: too small")
+    values = url_options(parts.query, _OPTIONS, url=url, what="PostgreSQL")
     if values["pool_min"] > values["pool_max"]:
         raise ConfigError(f"pool_min is larger than pool_max in {redact(url)!r}")
-    for name, fdefault in _FLOAT_OPTIONS.items():
-        raw = query.pop(name, [str(fdefault)])[-1]
-        try:
-            values[name] = float(raw)
-        except ValueError:
-            raise ConfigError(
-                f"invalid {name}={raw!r} in {redact(url)!r}: expected seconds"
-            ) from None
-        if values[name] <= 0:
-            raise ConfigError(f"invalid {name}={raw!r} in {redact(url)!r}: must be > 0")
-    passthrough = {k: query.pop(k)[-1] for k in _PASSTHROUGH if k in query}
-    sslmode = passthrough.get("sslmode")
-    if sslmode is not None and sslmode not in _SSLMODES:
-        raise ConfigError(
-            f"invalid sslmode={sslmode!r} in {redact(url)!r}: one of {', '.join(_SSLMODES)}"
-        )
+    passthrough = {k: values.pop(k) for k in _PASSTHROUGH}
+    passthrough = {k: v for k, v in passthrough.items() if v is not None}
     tls = tls_files(passthrough, url, names=LIBPQ)
-    if tls and sslmode in ("disable", "allow"):
+    if tls and passthrough.get("sslmode") in ("disable", "allow"):
         raise ConfigError(
-            f"sslmode={sslmode} in {redact(url)!r} would not use the TLS files it names"
-        )
-    if query:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(sorted(query))} in {redact(url)!r}; known: namespace, "
-            f"{', '.join([*_INT_OPTIONS, *_FLOAT_OPTIONS, *_PASSTHROUGH])}"
+            f"sslmode={passthrough['sslmode']} in {redact(url)!r} would not use the TLS files it names"
         )
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passthrough), ""))
-    return PgOptions(dsn=dsn, namespace=namespace, **values)
+    return PgOptions(dsn=dsn, **values)
 
 
 @lru_cache(maxsize=1024)

@@ -4,36 +4,28 @@ job API's shared rate limit: one URL syntax (see ``conveyor.brokers.redis``)."""
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 
-from conveyor._tls import PYTHON, TlsFiles, tls_files
-from conveyor._urls import redact
+from conveyor._tls import TlsFiles, tls_files, tls_options
+from conveyor._urls import Option, redact, url_options
 from conveyor.errors import ConfigError
 
 __all__ = ["RedisConfig", "redact"]
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_OPTIONS = (
-    "namespace",
-    "password",
-    "socket_timeout",
-    "connect_timeout",
-    "retry_for",
-    *PYTHON,
-)
-
-
-def _option(query: dict[str, list[str]], name: str, default: float, url: str) -> float:
-    raw = query.get(name, [str(default)])[-1]
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"invalid {name}={raw!r} in Redis URL {url!r}: expected seconds > 0")
-    return value
+_OPTIONS = {
+    "namespace": Option(
+        "default",
+        pattern=re.compile(r"[A-Za-z0-9_.-]{1,100}"),
+        expect="1-100 letters, digits, '_', '.' or '-'",
+    ),
+    "password": Option(None),
+    "socket_timeout": Option(5.0, float, above=0),
+    "connect_timeout": Option(5.0, float, above=0),
+    "retry_for": Option(30.0, float, above=0),
+    **tls_options(),
+}
 
 
 class RedisConfig:
@@ -69,35 +61,21 @@ class RedisConfig:
         path = parts.path.strip("/") or "0"
         if not path.isdigit():
             raise ConfigError(f"invalid Redis URL {safe!r}: database {path!r} is not a number")
-        query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = sorted(set(query) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} in Redis URL {safe!r}; "
-                f"known: {', '.join(_OPTIONS)}"
-            )
-        namespace = query.get("namespace", ["default"])[-1]
-        if not _NAMESPACE.match(namespace):
-            raise ConfigError(
-                f"invalid namespace={namespace!r} in Redis URL {safe!r}: "
-                "use 1-100 letters, digits, '_', '.' or '-'"
-            )
+        query = url_options(parts.query, _OPTIONS, url=url, what="Redis")
         self.ssl = parts.scheme == "rediss"
-        self.tls: TlsFiles = tls_files(
-            {k: v[-1] for k, v in query.items()}, url, schemes=("redis", "rediss")
-        )
+        self.tls: TlsFiles = tls_files(query, url, schemes=("redis", "rediss"))
         self.host = parts.hostname
         self.port = port
         self.db = int(path)
-        self.namespace = namespace
+        self.namespace = query["namespace"]
         self.username = unquote(parts.username) if parts.username else None
-        password = query.get("password", [None])[-1]
+        password = query["password"]
         if password is None and parts.password is not None:
             password = unquote(parts.password)
         self.password = password
-        self.socket_timeout = _option(query, "socket_timeout", 5.0, safe)
-        self.connect_timeout = _option(query, "connect_timeout", 5.0, safe)
-        self.retry_for = _option(query, "retry_for", 30.0, safe)
+        self.socket_timeout = query["socket_timeout"]
+        self.connect_timeout = query["connect_timeout"]
+        self.retry_for = query["retry_for"]
 
 
 def client(config: RedisConfig, **options: object) -> aioredis.Redis:

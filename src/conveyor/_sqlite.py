@@ -14,18 +14,19 @@ import asyncio
 import contextlib
 import contextvars
 import random
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from conveyor._inotify import DirectoryWatch
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
-from conveyor._urls import redact
+from conveyor._urls import Option, redact, url_options
 from conveyor.errors import ConfigError, ConveyorError, StoreError
 
 __all__ = [
@@ -38,6 +39,13 @@ __all__ = [
 ]
 
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+_OPTIONS = {
+    "synchronous": Option(
+        "normal",
+        pattern=re.compile("(?i)" + "|".join(_SYNCHRONOUS)),
+        expect=f"one of {', '.join(_SYNCHRONOUS)}",
+    ),
+}
 # Polling, where the kernel cannot tell of writes: fast after a change, slower when idle.
 _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
@@ -71,14 +79,8 @@ def parse_url(url: str) -> tuple[str, str]:
         path = parts.path[1:]
         if not path:
             raise ConfigError(f"invalid SQLite URL {redact(url)!r}: no file path")
-    query = parse_qs(parts.query)
-    sync = query.pop("synchronous", ["normal"])[-1].lower()
-    if sync not in _SYNCHRONOUS:
-        raise ConfigError(
-            f"invalid synchronous={sync!r} in {redact(url)!r}; choose one of {', '.join(_SYNCHRONOUS)}"
-        )
-    if query:
-        raise ConfigError(f"unknown option(s) {', '.join(sorted(query))} in {redact(url)!r}")
+    options = url_options(parts.query, _OPTIONS, url=url, what="SQLite")
+    sync = options["synchronous"].lower()
     return path, _SYNCHRONOUS[sync]
 
 

@@ -22,15 +22,21 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from conveyor._urls import redact
+from conveyor._urls import Option, redact
 from conveyor.errors import ConfigError
 
-__all__ = ["LIBPQ", "PYTHON", "TlsFiles", "tls_files", "tls_failure"]
+__all__ = ["LIBPQ", "PYTHON", "TlsFiles", "tls_failure", "tls_files", "tls_options"]
 
 PYTHON = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 """Option names for the CA, the client certificate and its key (redis-py's)."""
 LIBPQ = ("sslrootcert", "sslcert", "sslkey")
 """The same for PostgreSQL, as libpq names them."""
+
+
+def tls_options(names: tuple[str, str, str] = PYTHON) -> dict[str, Option]:
+    """The URL options naming TLS files, for a backend's option table
+    (``tls_files`` checks the files themselves)."""
+    return {name: Option(expect="a PEM file") for name in names}
 
 
 @dataclass(frozen=True, slots=True)

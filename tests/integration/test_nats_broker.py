@@ -256,12 +256,18 @@ async def test_unreachable_server_is_a_broker_error() -> None:
 @pytest.mark.parametrize(
     ("query", "needle"),
     [
-        ("?bogus=1", "unknown NATS URL parameter 'bogus'"),
-        ("?namespace=a.b", "invalid NATS namespace 'a.b'"),
-        ("?replicas=two", "replicas='two' is not a number"),
-        ("?replicas=9", "replicas=9 must be at most 5"),
-        ("?ack_wait=0", "ack_wait='0' must be at least 0.1"),
-        ("?max_deliver=-1", "max_deliver='-1' must be at least 0"),
+        ("?bogus=1", "unknown option 'bogus' in NATS URL"),
+        ("?namespace=a.b", "invalid namespace='a.b' in NATS URL"),
+        ("?replicas=two", "invalid replicas='two'"),
+        (
+            "?replicas=9",
+            "invalid replicas='9' in NATS URL 'nats://127.0.0.1:4222?replicas=9': expected an integer from 1 to 5",
+        ),
+        (
+            "?ack_wait=0",
+            "invalid ack_wait='0' in NATS URL 'nats://127.0.0.1:4222?ack_wait=0': expected seconds >= 0.1",
+        ),
+        ("?max_deliver=-1", "invalid max_deliver='-1'"),
         ("/path", "no path expected"),
     ],
 )

@@ -247,7 +247,8 @@ async def test_wait_hears_only_committed_publishes(url: str) -> None:
 @pytest.mark.parametrize(
     ("query", "needle"),
     [
-        ("bogus=1", "unknown option(s) bogus"),
+        ("bogus=1", "unknown option 'bogus' in PostgreSQL URL"),
+        ("pool_max=1&pool_max=2", "given twice"),
         ("pool_max=zero", "pool_max"),
         ("namespace=has-dash", "namespace"),
         ("pool_min=5&pool_max=2", "pool_min"),

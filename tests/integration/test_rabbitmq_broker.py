@@ -257,14 +257,14 @@ def test_capabilities_follow_the_queue_type() -> None:
 @pytest.mark.parametrize(
     ("query", "needle"),
     [
-        ("bogus=1", "unknown RabbitMQ URL option 'bogus'"),
-        ("queue_type=stream", "invalid queue_type 'stream'"),
+        ("bogus=1", "unknown option 'bogus' in RabbitMQ URL"),
+        ("queue_type=stream", "invalid queue_type='stream' in RabbitMQ URL"),
         ("max_priority=5", "max_priority needs queue_type=classic"),
-        ("queue_type=classic&max_priority=256", "invalid max_priority '256'"),
-        ("prefetch=0", "invalid prefetch '0'"),
-        ("prefetch=lots", "invalid prefetch 'lots'"),
-        ("namespace=amq.x", "invalid namespace 'amq.x'"),
-        ("namespace=a/b", "invalid namespace 'a/b'"),
+        ("queue_type=classic&max_priority=256", "invalid max_priority='256'"),
+        ("prefetch=0", "invalid prefetch='0'"),
+        ("prefetch=lots", "invalid prefetch='lots'"),
+        ("namespace=amq.x", "invalid namespace='amq.x'"),
+        ("namespace=a/b", "invalid namespace='a/b'"),
     ],
 )
 def test_bad_url_options_are_one_line_config_errors(query: str, needle: str) -> None:

@@ -93,7 +93,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -109,7 +108,7 @@ from aiokafka.partitioner import murmur2
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
-from conveyor._urls import redact
+from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -123,18 +122,18 @@ T = TypeVar("T")
 
 ENVELOPE = "conveyor"
 """The Kafka header holding the envelope (JSON) of a Conveyor message."""
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_OPTIONS = (
-    "namespace",
-    "partitions",
-    "replication",
-    "session_timeout",
-    "heartbeat_interval",
-    "buffer",
-    "rebalance_wait",
-    "retry_for",
-    "connect_timeout",
-)
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_OPTIONS = {
+    "namespace": Option("conveyor", pattern=_NAME, expect="letters, digits, '._-'"),
+    "partitions": Option(3, int, low=1),
+    "replication": Option(1, int, low=1),
+    "session_timeout": Option(10.0, float, low=0.1),
+    "heartbeat_interval": Option(1.0, float, low=0.01),
+    "buffer": Option(1000, int, low=1),
+    "rebalance_wait": Option(30.0, float, low=0.0),
+    "retry_for": Option(30.0, float, low=0.0),
+    "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, low=0.1),
+}
 # Kafka's default message.max.bytes is 1048588 for a whole record batch; leave
 # room for the key and the envelope header.
 _MAX_PAYLOAD = 1_000_000
@@ -175,52 +174,8 @@ def _parse(url: str) -> _Config:
                 f"invalid Kafka URL {safe!r}: {server!r} is not host:port (127.0.0.1:9092)"
             )
         servers.append(f"{host}:{port}")
-    try:
-        options = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise ConfigError(f"invalid Kafka URL {safe!r}: malformed query {query!r}") from None
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"unknown option {unknown[0]!r} in Kafka URL {safe!r}; known: {', '.join(_OPTIONS)}"
-        )
-    for name, values in options.items():
-        if len(values) > 1:
-            raise ConfigError(f"option {name!r} given twice in Kafka URL {safe!r}")
-    one = {name: values[0] for name, values in options.items()}
-
-    def number(name: str, default: float, kind: type[int] | type[float], low: float) -> Any:
-        raw = one.get(name)
-        if raw is None:
-            return kind(default)
-        try:
-            value = kind(raw)
-        except ValueError:
-            value = None
-        if value is None or value < low or value != value:
-            what = "an integer" if kind is int else "seconds"
-            raise ConfigError(
-                f"invalid {name}={raw!r} in Kafka URL {safe!r}: expected {what} >= {low:g}"
-            )
-        return value
-
-    namespace = one.get("namespace", "conveyor")
-    if not _NAME.match(namespace):
-        raise ConfigError(
-            f"invalid namespace={namespace!r} in Kafka URL {safe!r}: use letters, digits, '._-'"
-        )
-    config = _Config(
-        servers=servers,
-        namespace=namespace,
-        partitions=number("partitions", 3, int, 1),
-        replication=number("replication", 1, int, 1),
-        session_timeout=number("session_timeout", 10.0, float, 0.1),
-        heartbeat_interval=number("heartbeat_interval", 1.0, float, 0.01),
-        buffer=number("buffer", 1000, int, 1),
-        rebalance_wait=number("rebalance_wait", 30.0, float, 0.0),
-        retry_for=number("retry_for", 30.0, float, 0.0),
-        connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
-    )
+    values = url_options(query, _OPTIONS, url=url, what="Kafka")
+    config = _Config(servers=servers, **values)
     if config.heartbeat_interval >= config.session_timeout:
         raise ConfigError(
             f"invalid Kafka URL {safe!r}: heartbeat_interval must be below session_timeout"
@@ -621,7 +576,7 @@ class KafkaBroker:
     # names
 
     def _check(self, what: str, name: str) -> None:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise BrokerError(
                 f"{what} {name!r} cannot name a Kafka topic: use letters, digits and '._-'"
             )

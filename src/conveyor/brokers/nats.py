@@ -72,7 +72,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -92,8 +92,8 @@ from nats.js.api import (
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
-from conveyor._tls import PYTHON, TlsFiles, tls_failure, tls_files
-from conveyor._urls import redact
+from conveyor._tls import TlsFiles, tls_failure, tls_files, tls_options
+from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -109,17 +109,20 @@ _ENVELOPE = "Conveyor-Envelope"
 _GROUP = "Conveyor-Group"
 _MSG_ID = "Nats-Msg-Id"
 _ALL = "all"
-_OPTIONS = (
-    "namespace",
-    "replicas",
-    "ack_wait",
-    "max_deliver",
-    "max_age",
-    "timeout",
-    "connect_timeout",
-    *PYTHON,
-)
-_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_OPTIONS = {
+    "namespace": Option(
+        "conveyor",
+        pattern=re.compile(r"[A-Za-z0-9_-]{1,64}"),
+        expect="1-64 letters, digits, '_' or '-'",
+    ),
+    "replicas": Option(1, int, low=1, high=5),
+    "ack_wait": Option(1.0, float, low=0.1),
+    "max_deliver": Option(50, int, low=0),
+    "max_age": Option(7 * 86400.0, float, low=60.0),
+    "timeout": Option(30.0, float, low=0.1),
+    "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, low=0.1),
+    **tls_options(),
+}
 # Headers and envelope must fit next to the payload in the server's default
 # max_payload (1 MiB).
 _MAX_PAYLOAD = DEFAULT_MAX_PAYLOAD - 64 * 1024
@@ -159,7 +162,6 @@ class _Config:
 def _parse(url: str) -> _Config:
     try:
         parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
         raise ConfigError(f"invalid NATS URL {redact(url)!r}: {exc}") from None
     if parts.scheme not in ("nats", "tls") or not parts.netloc:
@@ -174,43 +176,16 @@ def _parse(url: str) -> _Config:
     servers = [f"{parts.scheme}://{prefix}{h}" for h in hosts.split(",") if h]
     if not servers:
         raise ConfigError(f"invalid NATS URL {redact(url)!r}: no host")
-    values: dict[str, str] = {}
-    for name, value in query:
-        if name not in _OPTIONS:
-            raise ConfigError(
-                f"unknown NATS URL parameter {name!r} in {redact(url)!r}; known: {', '.join(_OPTIONS)}"
-            )
-        values[name] = value
-    namespace = values.get("namespace", "conveyor")
-    if not _NAMESPACE.fullmatch(namespace):
-        raise ConfigError(
-            f"invalid NATS namespace {namespace!r}: use 1-64 letters, digits, '_' or '-'"
-        )
-
-    def number(name: str, default: float, kind: type[float] | type[int], low: float) -> float:
-        raw = values.get(name)
-        if raw is None:
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(f"NATS URL parameter {name}={raw!r} is not a number") from None
-        if value < low:
-            raise ConfigError(f"NATS URL parameter {name}={raw!r} must be at least {low:g}")
-        return value
-
-    replicas = int(number("replicas", 1, int, 1))
-    if replicas > 5:
-        raise ConfigError(f"NATS URL parameter replicas={replicas} must be at most 5")
+    values = url_options(parts.query, _OPTIONS, url=url, what="NATS")
     return _Config(
         servers=servers,
-        namespace=namespace,
-        replicas=replicas,
-        ack_wait=number("ack_wait", 1.0, float, 0.1),
-        max_deliver=int(number("max_deliver", 50, int, 0)),
-        max_age=number("max_age", 7 * 86400.0, float, 60.0),
-        timeout=number("timeout", 30.0, float, 0.1),
-        connect_timeout=number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, float, 0.1),
+        namespace=values["namespace"],
+        replicas=values["replicas"],
+        ack_wait=values["ack_wait"],
+        max_deliver=values["max_deliver"],
+        max_age=values["max_age"],
+        timeout=values["timeout"],
+        connect_timeout=values["connect_timeout"],
         tls=tls_files(values, url, schemes=("nats", "tls")),
     )
 

@@ -79,13 +79,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -95,8 +96,8 @@ from aio_pika.exceptions import AMQPException
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
 from conveyor._time import Clock, SystemClock
-from conveyor._tls import PYTHON, TlsFiles, tls_files
-from conveyor._urls import redact
+from conveyor._tls import TlsFiles, tls_files, tls_options
+from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
 from conveyor.errors import BrokerError, ConfigError, MessageError
@@ -104,15 +105,19 @@ from conveyor.messages import DEFAULT_MAX_PAYLOAD, Message
 
 __all__ = ["RabbitMQBroker"]
 
-_OPTIONS = (
-    "namespace",
-    "queue_type",
-    "max_priority",
-    "prefetch",
-    "heartbeat",
-    "connect_timeout",
-    *PYTHON,
-)
+_OPTIONS = {
+    "namespace": Option(
+        "conveyor",
+        pattern=re.compile(r"(?!amq\.)[^/]+"),
+        expect="a non-empty name without '/' that does not start with 'amq.'",
+    ),
+    "queue_type": Option("quorum", choices=("quorum", "classic")),
+    "max_priority": Option(0, int, low=0, high=255),
+    "prefetch": Option(256, int, low=1, high=65535),
+    "heartbeat": Option(None, int, low=0, high=65535),
+    "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, above=0),
+    **tls_options(),
+}
 _META = "conveyor"
 _CONFIRM_TIMEOUT = 30.0
 _REDECLARE_AFTER = 60.0
@@ -151,65 +156,26 @@ def _parse(url: str) -> _Config:
             "(amqps:// for TLS)"
         )
     del port
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name not in _OPTIONS:
-            raise ConfigError(
-                f"unknown RabbitMQ URL option {name!r} in {redact(url)!r}; supported: {', '.join(_OPTIONS)}"
-            )
-        options[name] = value
-    namespace = options.get("namespace", "conveyor")
-    if not namespace or "/" in namespace or namespace.startswith("amq."):
-        raise ConfigError(
-            f"invalid namespace {namespace!r} in {redact(url)!r}: "
-            "a non-empty name without '/' that does not start with 'amq.'"
-        )
-    queue_type = options.get("queue_type", "quorum")
-    if queue_type not in ("quorum", "classic"):
-        raise ConfigError(
-            f"invalid queue_type {queue_type!r} in {redact(url)!r}: quorum or classic"
-        )
-    max_priority = _int_option(options, "max_priority", 0, 0, 255, url)
-    if max_priority and queue_type == "quorum":
+    options = url_options(parts.query, _OPTIONS, url=url, what="RabbitMQ")
+    if options["max_priority"] and options["queue_type"] == "quorum":
         raise ConfigError(
             f"max_priority needs queue_type=classic in {redact(url)!r}: "
             "quorum queues do not support priorities"
         )
-    prefetch = _int_option(options, "prefetch", 256, 1, 65535, url)
-    passthrough = {k: v for k, v in options.items() if k == "heartbeat"}
-    if passthrough:
-        _int_option(options, "heartbeat", 60, 0, 65535, url)
+    heartbeat = options["heartbeat"]
+    passthrough = {} if heartbeat is None else {"heartbeat": str(heartbeat)}
     connection_url = urlunsplit(
         (parts.scheme, parts.netloc, parts.path, urlencode(passthrough), "")
     )
-    raw = options.get("connect_timeout", str(DEFAULT_CONNECT_TIMEOUT))
-    try:
-        connect_timeout = float(raw)
-    except ValueError:
-        connect_timeout = -1.0
-    if not 0 < connect_timeout < math.inf:
-        raise ConfigError(f"invalid connect_timeout {raw!r} in {redact(url)!r}: seconds > 0")
-    tls = tls_files(options, url, schemes=("amqp", "amqps"))
     return _Config(
-        connection_url, namespace, queue_type, max_priority, prefetch, connect_timeout, tls
+        connection_url,
+        options["namespace"],
+        options["queue_type"],
+        options["max_priority"],
+        options["prefetch"],
+        options["connect_timeout"],
+        tls_files(options, url, schemes=("amqp", "amqps")),
     )
-
-
-def _int_option(
-    options: Mapping[str, str], name: str, default: int, low: int, high: int, url: str
-) -> int:
-    raw = options.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ConfigError(
-            f"invalid {name} {raw!r} in {redact(url)!r}: an integer from {low} to {high}"
-        )
-    return value
 
 
 def _int_or(value: object, default: int) -> int:
