@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
 import re
 import struct
 import time
@@ -39,7 +38,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within, keep_trying
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
 from conveyor._tls import LIBPQ, tls_files, tls_options
@@ -492,22 +491,26 @@ class Database:
         """Run ``op``; while the server is unreachable, retry it with capped
         exponential backoff for up to ``reconnect_for`` seconds. Only for
         operations that are safe to repeat."""
-        give_up = time.monotonic() + self.options.reconnect_for
-        delay = 0.05
-        while True:
-            try:
-                return await op()
-            except _RETRY as exc:
+
+        def give_up(exc: Exception, again: bool) -> BaseException:
+            if again:
                 cause = exc.error if isinstance(exc, _Again) else exc
-                if time.monotonic() + delay > give_up:
-                    raise error(
-                        f"PostgreSQL {self.key} unreachable for "
-                        f"{self.options.reconnect_for:g}s ({what}): {cause}"
-                    ) from cause
-            except asyncpg.PostgresError as exc:
-                raise error(f"PostgreSQL {self.key} ({what}): {exc}") from exc
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, 2.0)
+                failed = error(
+                    f"PostgreSQL {self.key} unreachable for "
+                    f"{self.options.reconnect_for:g}s ({what}): {cause}"
+                )
+                failed.__cause__ = cause
+                return failed
+            if isinstance(exc, asyncpg.PostgresError):
+                return error(f"PostgreSQL {self.key} ({what}): {exc}")
+            return exc
+
+        return await keep_trying(
+            op,
+            within=self.options.reconnect_for,
+            transient=lambda exc: isinstance(exc, _RETRY),
+            give_up=give_up,
+        )
 
     async def ensure_schema(self, name: str, ddl: str, error: type[ConveyorError]) -> None:
         if name in self._schemas:

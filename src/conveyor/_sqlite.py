@@ -13,21 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import random
 import re
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from conveyor._connect import keep_trying
 from conveyor._inotify import DirectoryWatch
 from conveyor._rows import MESSAGE_COLUMNS, message_from_row, message_params
 from conveyor._time import Clock, SystemClock
 from conveyor._urls import Option, redact, url_options
 from conveyor.errors import ConfigError, ConveyorError, StoreError
+from conveyor.resilience._retry import RetryPolicy
 
 __all__ = [
     "MESSAGE_COLUMNS",
@@ -39,6 +41,16 @@ __all__ = [
 ]
 
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+# Another process holds the write lock: wait for it in short steps.
+_LOCKED = RetryPolicy(max_attempts=1, base_delay=0.0002, max_delay=0.002)
+
+
+def _busy(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
 _OPTIONS = {
     "synchronous": Option(
         "normal",
@@ -87,51 +99,95 @@ def parse_url(url: str) -> tuple[str, str]:
 class SqliteTransaction:
     """A write transaction on a SQLite database (``?`` placeholders)."""
 
-    __slots__ = ("_conn", "_depth", "database", "published")
+    __slots__ = ("_conn", "_depth", "_pending", "database", "published")
 
     def __init__(self, database: Database) -> None:
         self.database = database
         self._conn = database.conn
         self._depth = 0
+        self._pending: list[str] = []
         self.published = False
+
+    def _open(self) -> None:
+        """Establish the savepoints entered but not yet needed: a statement
+        is about to run inside them."""
+        for name in self._pending:
+            self._conn.execute(f"SAVEPOINT {name}")
+        self._pending.clear()
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement; return the number of rows it changed."""
+        if self._pending:
+            self._open()
         return self._conn.execute(sql, params).rowcount
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        if self._pending:
+            self._open()
         return self._conn.executemany(sql, rows).rowcount
 
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        if self._pending:
+            self._open()
         row: tuple[Any, ...] | None = self._conn.execute(sql, params).fetchone()
         return row
 
     async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if self._pending:
+            self._open()
         return self._conn.execute(sql, params).fetchall()
 
     def run(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         """Synchronous form for Conveyor's own hot paths."""
+        if self._pending:
+            self._open()
         return self._conn.execute(sql, params)
 
     def runmany(self, sql: str, rows: Sequence[Sequence[object]]) -> sqlite3.Cursor:
+        if self._pending:
+            self._open()
         return self._conn.executemany(sql, rows)
 
-    @contextlib.asynccontextmanager
-    async def savepoint(self) -> AsyncIterator[None]:
-        """Nested scope: an exception inside rolls back only its own writes."""
-        self._depth += 1
-        name = f"sp{self._depth}"
-        self._conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
-            raise
-        else:
-            self._conn.execute(f"RELEASE {name}")
-        finally:
-            self._depth -= 1
+    def savepoint(self) -> _Savepoint:
+        """Nested scope: an exception inside rolls back only its own writes.
+
+        Established lazily, just before the first statement inside it: a
+        scope that runs no statement (a handler that writes nothing) costs
+        neither SAVEPOINT nor RELEASE."""
+        return _Savepoint(self)
+
+
+class _Savepoint:
+    """``async with tx.savepoint():`` (a plain class: cheaper per message
+    than a generator-based context manager)."""
+
+    __slots__ = ("_name", "_tx")
+
+    def __init__(self, tx: SqliteTransaction) -> None:
+        self._tx = tx
+        self._name = ""
+
+    async def __aenter__(self) -> None:
+        tx = self._tx
+        tx._depth += 1
+        self._name = f"sp{tx._depth}"
+        tx._pending.append(self._name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx, name = self._tx, self._name
+        tx._depth -= 1
+        pending = tx._pending
+        if name in pending:  # nothing ran inside: nothing to undo or release
+            del pending[pending.index(name) :]
+            return
+        if exc_type is not None:
+            tx._conn.execute(f"ROLLBACK TO {name}")
+        tx._conn.execute(f"RELEASE {name}")
 
 
 class Database:
@@ -282,21 +338,32 @@ class Database:
             self.notify()
 
     async def _begin(self, deadline: float) -> None:
-        delay = 0.0001
-        give_up = time.monotonic() + deadline
-        while True:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise StoreError(f"cannot begin a transaction on {self.path!r}: {exc}") from exc
-                if time.monotonic() > give_up:
-                    raise StoreError(
-                        f"SQLite database {self.path!r} stayed locked for {deadline:.0f}s"
-                    ) from exc
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.002)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")  # nearly always at once
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise StoreError(f"cannot begin a transaction on {self.path!r}: {exc}") from exc
+
+        async def begin() -> None:
+            self.conn.execute("BEGIN IMMEDIATE")
+
+        def give_up(exc: Exception, again: bool) -> BaseException:
+            if again:
+                return StoreError(
+                    f"SQLite database {self.path!r} stayed locked for {deadline:.0f}s"
+                )
+            if isinstance(exc, sqlite3.OperationalError):
+                return StoreError(f"cannot begin a transaction on {self.path!r}: {exc}")
+            return exc
+
+        await keep_trying(
+            begin,
+            within=deadline,
+            transient=_busy,
+            give_up=give_up,
+            policy=_LOCKED,
+        )
 
     def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         """A consistent read outside any transaction (WAL readers never wait)."""

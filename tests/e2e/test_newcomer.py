@@ -80,8 +80,15 @@ def test_wheel_installs_and_runs_the_demo_from_an_empty_folder(tmp_path: Path) -
     )
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = dist.glob("conveyor-*.whl")
-    tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"conveyor", wheel.name.removesuffix("-py3-none-any.whl") + ".dist-info"}
+    # Files the code reads at run time: the Redis broker's scripts, the console's assets.
+    for needed in (
+        "conveyor/brokers/redis_lua/fetch.lua",
+        "conveyor/http/console_static/console.js",
+    ):
+        assert needed in names, f"{needed} is missing from the wheel"
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     installed = _run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], cwd=tmp_path)

@@ -106,7 +106,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
-from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within, keep_trying
 from conveyor._time import Clock, SystemClock
 from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
@@ -604,21 +604,23 @@ class KafkaBroker:
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op``, retrying transient failures with capped backoff for
         ``retry_for`` seconds; a driver error becomes ``BrokerError``."""
-        deadline = time.monotonic() + self.config.retry_for
-        for attempt in itertools.count():
-            try:
-                return await op()
-            except (TimeoutError, KafkaError, OSError) as exc:
-                if not _retriable(exc) or time.monotonic() >= deadline:
-                    raise BrokerError(f"Kafka {what} failed: {exc!r}") from exc
-                log.warning(
-                    "Kafka %s failed (%s); retrying",
-                    what,
-                    exc,
-                    extra={"event": "conveyor.broker_retry"},
-                )
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
+
+        def give_up(exc: Exception, again: bool) -> BaseException:
+            if isinstance(exc, TimeoutError | KafkaError | OSError):
+                return BrokerError(f"Kafka {what} failed: {exc!r}")
+            return exc
+
+        def warn(exc: Exception, delay: float) -> None:
+            log.warning(
+                "Kafka %s failed (%s); retrying",
+                what,
+                exc,
+                extra={"event": "conveyor.broker_retry"},
+            )
+
+        return await keep_trying(
+            op, within=self.config.retry_for, transient=_retriable, give_up=give_up, warn=warn
+        )
 
     async def connect(self) -> None:
         async with self._connect_lock:

@@ -90,7 +90,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
+from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within, keep_trying
 from conveyor._time import Clock, SystemClock
 from conveyor._tls import TlsFiles, tls_failure, tls_files, tls_options
 from conveyor._urls import Option, redact, url_options
@@ -207,6 +207,10 @@ def _topic_tokens(topic: str) -> str:
     if _valid_tokens(topic):
         return topic
     return "~" + topic.encode().hex()
+
+
+class _LeaseOver(Exception):
+    """The lease ran out before an ack got through: the message comes back."""
 
 
 @dataclass(slots=True)
@@ -364,22 +368,24 @@ class NatsBroker:
 
     async def _retrying(self, what: str, op: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``op``, retrying with capped backoff while the server is away."""
-        deadline = time.monotonic() + self._config.timeout
-        failures = 0
-        while True:
-            try:
-                return await op()
-            except _RETRYABLE as exc:
-                failures += 1
-                if time.monotonic() >= deadline:
-                    raise BrokerError(
-                        f"NATS did not answer for {self._config.timeout:g}s trying to {what}: {exc!r}"
-                    ) from exc
-                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
-            except nats.errors.ConnectionClosedError as exc:
-                raise BrokerError(f"cannot {what}: the NATS connection is closed") from exc
-            except nats.errors.Error as exc:
-                raise BrokerError(f"NATS refused to {what}: {exc!r}") from exc
+
+        def give_up(exc: Exception, again: bool) -> BaseException:
+            if again:
+                return BrokerError(
+                    f"NATS did not answer for {self._config.timeout:g}s trying to {what}: {exc!r}"
+                )
+            if isinstance(exc, nats.errors.ConnectionClosedError):
+                return BrokerError(f"cannot {what}: the NATS connection is closed")
+            if isinstance(exc, nats.errors.Error):
+                return BrokerError(f"NATS refused to {what}: {exc!r}")
+            return exc
+
+        return await keep_trying(
+            op,
+            within=self._config.timeout,
+            transient=lambda exc: isinstance(exc, _RETRYABLE),
+            give_up=give_up,
+        )
 
     async def _ensure_streams(self) -> None:
         js = self._client.jetstream()
@@ -808,18 +814,27 @@ class NatsBroker:
         async def one(lease: _Lease) -> int:
             # Retry only while the lease holds: a later ack would acknowledge
             # a redelivered copy.
-            while True:
+            async def send() -> None:
                 remaining = lease.deadline - time.monotonic()
                 if remaining <= 0:
-                    return 0
-                try:
-                    await self._client.request(lease.reply, b"+ACK", timeout=min(2.0, remaining))
-                except _TRANSIENT:
-                    await asyncio.sleep(0.05)
-                    continue
-                except nats.errors.Error as exc:
-                    raise BrokerError(f"NATS refused an ack: {exc!r}") from exc
-                return 1
+                    raise _LeaseOver
+                await self._client.request(lease.reply, b"+ACK", timeout=min(2.0, remaining))
+
+            def give_up(exc: Exception, again: bool) -> BaseException:
+                if isinstance(exc, nats.errors.Error) and not again:
+                    return BrokerError(f"NATS refused an ack: {exc!r}")
+                return _LeaseOver() if again else exc
+
+            try:
+                await keep_trying(
+                    send,
+                    within=max(0.0, lease.deadline - time.monotonic()),
+                    transient=lambda exc: isinstance(exc, _TRANSIENT),
+                    give_up=give_up,
+                )
+            except _LeaseOver:
+                return 0
+            return 1
 
         return sum(await asyncio.gather(*(one(lease) for lease in leases)))
 

@@ -53,13 +53,12 @@ replication is asynchronous, so a failover can lose the last writes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -70,7 +69,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conveyor._connect import connect_within
+from conveyor._connect import connect_within, keep_trying
 from conveyor._redis import RedisConfig, redact
 from conveyor._redis import client as redis_client
 from conveyor._time import Clock
@@ -89,311 +88,31 @@ _GROUP = "conveyor"
 # Leases are tracked in our own ZSET, so every client reads as one consumer:
 # no consumer list grows with every process that ever ran.
 _CONSUMER = "conveyor"
-_BACKOFF_CAP = 2.0
 _MOVE_LIMIT = 1000
 _WAIT_SLICE = 1.0
 
-_LUA_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function qkey(P, kind, topic, group)
-  return P .. kind .. ':' .. #topic .. ':' .. topic .. ':' .. group
-end
-local function ensure_group(stream)
-  redis.pcall('XGROUP', 'CREATE', stream, 'conveyor', '0', 'MKSTREAM')
-end
-local function field(fields, name)
-  for j = 1, #fields, 2 do
-    if fields[j] == name then return fields[j + 1] end
-  end
-  return nil
-end
--- Put one envelope (a flat field list) on a queue: into the stream, or into
--- the delayed set when it is not due yet.
-local function put(seq, stream, delayed, data, fields, due, now)
-  if due > now then
-    local m = tostring(redis.call('INCR', seq))
-    redis.call('ZADD', delayed, due, m)
-    redis.call('HSET', data, m, cmsgpack.pack(fields))
-  else
-    redis.call('XADD', stream, '*', unpack(fields))
-  end
-end
-local function move_due(stream, delayed, data, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
-  for _, m in ipairs(due) do
-    local packed = redis.call('HGET', data, m)
-    if packed then
-      redis.call('XADD', stream, '*', unpack(cmsgpack.unpack(packed)))
-    end
-    redis.call('ZREM', delayed, m)
-    redis.call('HDEL', data, m)
-  end
-  return #due
-end
--- Publish and enqueue run once per call token, even when a client retries a
--- call whose reply it lost. ARGV: prefix, the client's set of applied
--- tokens, this call's token, k, k tokens whose calls the client saw succeed
--- (forgotten here, so the set stays as small as the client's concurrency),
--- then the call's own arguments. Returns where those start, or nil when
--- the call was already applied.
-local function once()
-  local applied, k = ARGV[2], tonumber(ARGV[4])
-  for j = 1, k do redis.call('SREM', applied, ARGV[4 + j]) end
-  local fresh = redis.call('SADD', applied, ARGV[3])
-  redis.call('EXPIRE', applied, 86400)
-  if fresh == 0 then return nil end
-  return 5 + k
-end
-local function held_by(value, token)
-  if not value then return nil end
-  local d, t = string.match(value, '^(%d+):(.*)$')
-  if t ~= token then return nil end
-  return tonumber(d)
-end
-"""
 
-# ARGV: once() header, then per message: topic, due ms, field count, fields.
-_PUBLISH = (
-    _LUA_COMMON
-    + """
-local P = ARGV[1]
-local i = once()
-if not i then return 0 end
-local now = now_ms()
-local groups_of = {}
-local count = 0
-while i <= #ARGV do
-  local topic, due, nf = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local fields = {}
-  for j = 1, nf do fields[j] = ARGV[i + 2 + j] end
-  i = i + 3 + nf
-  local groups = groups_of[topic]
-  if not groups then
-    groups = redis.call('SMEMBERS', P .. 'groups:' .. topic)
-    groups_of[topic] = groups
-  end
-  if #groups == 0 then
-    redis.call('XADD', P .. 'parked:' .. topic, '*', unpack(fields))
-  end
-  for _, g in ipairs(groups) do
-    put(P .. 'seq', qkey(P, 'stream', topic, g), qkey(P, 'delayed', topic, g),
-        qkey(P, 'data', topic, g), fields, due, now)
-  end
-  count = count + 1
-end
-return count
-"""
-)
+def _lua(name: str) -> str:
+    """A script of ``redis_lua/``, after the functions they all share."""
+    folder = resources.files("conveyor.brokers") / "redis_lua"
+    return (folder / "common.lua").read_text() + (folder / f"{name}.lua").read_text()
 
-# ARGV: once() header, topic, group, queue member; then per message: due, nf, fields.
-_ENQUEUE = (
-    _LUA_COMMON
-    + """
-local P = ARGV[1]
-local i = once()
-if not i then return 0 end
-local topic, group = ARGV[i], ARGV[i + 1]
-local stream = qkey(P, 'stream', topic, group)
-ensure_group(stream)
-redis.call('SADD', P .. 'queues', ARGV[i + 2])
-local now = now_ms()
-i = i + 3
-while i <= #ARGV do
-  local due, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  local fields = {}
-  for j = 1, nf do fields[j] = ARGV[i + 1 + j] end
-  i = i + 2 + nf
-  put(P .. 'seq', stream, qkey(P, 'delayed', topic, group), qkey(P, 'data', topic, group),
-      fields, due, now)
-end
-return 1
-"""
-)
 
-# ARGV: prefix, topic, group, queue member.
-_DECLARE = (
-    _LUA_COMMON
-    + """
-local P, topic, group = ARGV[1], ARGV[2], ARGV[3]
-local groups = P .. 'groups:' .. topic
-local stream = qkey(P, 'stream', topic, group)
-if redis.call('SADD', groups, group) == 1 then
-  redis.call('SADD', P .. 'queues', ARGV[4])
-  local parked = P .. 'parked:' .. topic
-  if redis.call('SCARD', groups) == 1 and redis.call('EXISTS', parked) == 1 then
-    if redis.call('EXISTS', stream) == 0 then
-      redis.call('RENAME', parked, stream)
-    else
-      for _, e in ipairs(redis.call('XRANGE', parked, '-', '+')) do
-        redis.call('XADD', stream, '*', unpack(e[2]))
-      end
-      redis.call('DEL', parked)
-    end
-  end
-end
-ensure_group(stream)
-return 1
-"""
-)
-
-# KEYS: stream, leases, held, delayed, data, seq. ARGV: limit, lease ms, token.
-_FETCH = (
-    _LUA_COMMON
-    + """
-local stream, leases, held, delayed, data = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now = now_ms()
-if redis.call('EXISTS', stream) == 0 then
-  if redis.call('ZCARD', delayed) == 0 then return {{}, ''} end
-  ensure_group(stream)
-end
-move_due(stream, delayed, data, now, 1000)
-local n, deadline, token = tonumber(ARGV[1]), now + tonumber(ARGV[2]), ARGV[3]
-local out = {}
-local function deliver(id, fields)
-  local d = 1
-  local v = redis.call('HGET', held, id)
-  if v then d = tonumber(string.match(v, '^(%d+):')) + 1 end
-  redis.call('HSET', held, id, d .. ':' .. token)
-  redis.call('ZADD', leases, deadline, id)
-  out[#out + 1] = {id, d, fields}
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, n)) do
-  local claimed = redis.call('XCLAIM', stream, 'conveyor', 'conveyor', 0, id)
-  if claimed[1] then
-    deliver(claimed[1][1], claimed[1][2])
-  else
-    redis.call('ZREM', leases, id)
-    redis.call('HDEL', held, id)
-  end
-end
-for _ = 1, 10 do
-  if #out >= n then break end
-  local r = redis.call('XREADGROUP', 'GROUP', 'conveyor', 'conveyor', 'COUNT', n - #out,
-                       'STREAMS', stream, '>')
-  if not r or #r[1][2] == 0 then break end
-  for _, e in ipairs(r[1][2]) do
-    local nb = field(e[2], 'not_before')
-    local due = nb and math.floor(tonumber(nb) * 1000) or 0
-    if due > now then
-      -- Parked before its group existed, it reached the stream early.
-      redis.call('XACK', stream, 'conveyor', e[1])
-      redis.call('XDEL', stream, e[1])
-      put(KEYS[6], stream, delayed, data, e[2], due, now)
-    else
-      deliver(e[1], e[2])
-    end
-  end
-end
-local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-return {out, last[1] and last[1][1] or ''}
-"""
-)
-
-# KEYS: stream, leases, held. ARGV: id, token pairs.
-_ACK = (
-    _LUA_COMMON
-    + """
-local done = 0
-for i = 1, #ARGV, 2 do
-  local id = ARGV[i]
-  if held_by(redis.call('HGET', KEYS[3], id), ARGV[i + 1]) then
-    redis.call('XACK', KEYS[1], 'conveyor', id)
-    redis.call('XDEL', KEYS[1], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('ZREM', KEYS[2], id)
-    done = done + 1
-  end
-end
-return done
-"""
-)
-
-# KEYS: stream, leases, held, delayed, data, seq. ARGV: id, token, delay ms.
-_NACK = (
-    _LUA_COMMON
-    + """
-local stream, leases, held, delayed, data = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local id, token = ARGV[1], ARGV[2]
-local d = held_by(redis.call('HGET', held, id), token)
-if not d then return 0 end
-local entry = redis.call('XRANGE', stream, id, id)
-if entry[1] then
-  local fields = entry[1][2]
-  local found = false
-  for j = 1, #fields, 2 do
-    if fields[j] == 'attempt' then
-      fields[j + 1] = tostring(tonumber(fields[j + 1]) + d)
-      found = true
-    end
-  end
-  if not found then
-    fields[#fields + 1] = 'attempt'
-    fields[#fields + 1] = tostring(d)
-  end
-  local m = tostring(redis.call('INCR', KEYS[6]))
-  redis.call('ZADD', delayed, now_ms() + tonumber(ARGV[3]), m)
-  redis.call('HSET', data, m, cmsgpack.pack(fields))
-end
-redis.call('XACK', stream, 'conveyor', id)
-redis.call('XDEL', stream, id)
-redis.call('HDEL', held, id)
-redis.call('ZREM', leases, id)
-return 1
-"""
-)
-
-# KEYS: stream, delayed, data. ARGV: limit.
-_PROMOTE = (
-    _LUA_COMMON
-    + """
-if redis.call('ZCARD', KEYS[2]) == 0 then return 0 end
-ensure_group(KEYS[1])
-return move_due(KEYS[1], KEYS[2], KEYS[3], now_ms(), tonumber(ARGV[1]))
-"""
-)
-
-# KEYS: stream, leases, delayed. Returns the newest entry id and the ms until
-# the next lease expiry or delayed message is due (-1: none).
-_WAIT_INFO = (
-    _LUA_COMMON
-    + """
-local now = now_ms()
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local next_ms = -1
-for _, key in ipairs({KEYS[2], KEYS[3]}) do
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if first[2] then
-    local ms = math.max(0, tonumber(first[2]) - now)
-    if next_ms < 0 or ms < next_ms then next_ms = ms end
-  end
-end
-return {last[1] and last[1][1] or '', next_ms}
-"""
-)
-
-# ARGV: prefix. One row per queue: member, ready, in flight, delayed.
-_STATS = (
-    _LUA_COMMON
-    + """
-local P = ARGV[1]
-local now = now_ms()
-local rows = {}
-for _, member in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  local q = cjson.decode(member)
-  local topic, group = q[1], q[2]
-  local length = redis.call('XLEN', qkey(P, 'stream', topic, group))
-  local leased = redis.call('ZCOUNT', qkey(P, 'leases', topic, group), '(' .. now, '+inf')
-  local delayed = qkey(P, 'delayed', topic, group)
-  local due = redis.call('ZCOUNT', delayed, '-inf', now)
-  local later = redis.call('ZCARD', delayed) - due
-  rows[#rows + 1] = {member, length - leased + due, leased, later}
-end
-return rows
-"""
-)
+_SCRIPTS = {
+    name: _lua(name)
+    for name in (
+        "publish",
+        "enqueue",
+        "declare",
+        "fetch",
+        "ack",
+        "nack",
+        "promote",
+        "wait_info",
+        "stats",
+    )
+}
+"""Every Lua script the broker runs, read once when the module loads."""
 
 
 def _qkey(prefix: str, kind: str, topic: str, group: str) -> str:
@@ -527,17 +246,7 @@ class RedisBroker:
             await client.aclose()
             raise
         self._redis = client
-        for name, source in (
-            ("publish", _PUBLISH),
-            ("enqueue", _ENQUEUE),
-            ("declare", _DECLARE),
-            ("fetch", _FETCH),
-            ("ack", _ACK),
-            ("nack", _NACK),
-            ("promote", _PROMOTE),
-            ("wait_info", _WAIT_INFO),
-            ("stats", _STATS),
-        ):
+        for name, source in _SCRIPTS.items():
             self._scripts[name] = client.register_script(source)
 
     async def close(self) -> None:
@@ -561,30 +270,39 @@ class RedisBroker:
         token the scripts remember, ack and nack are keyed by lease token.
         """
         client = self._client()
-        deadline = time.monotonic() + self._config.retry_for
-        delay = 0.05
-        while True:
-            try:
-                return await op(client)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if self._redis is not client:
-                    raise BrokerError(f"Redis broker closed during {what}") from exc
-                if time.monotonic() + delay > deadline:
-                    raise BrokerError(
-                        f"Redis {what} failed: {self._config.host}:{self._config.port} "
-                        f"unreachable for {self._config.retry_for:g}s: {exc}"
-                    ) from exc
-                log.warning(
-                    "Redis %s failed (%s); reconnecting in %.2fs",
-                    what,
-                    exc,
-                    delay,
-                    extra={"event": "conveyor.broker_reconnect"},
+        lost = (RedisConnectionError, RedisTimeoutError)
+
+        def transient(exc: Exception) -> bool:
+            return isinstance(exc, lost) and self._redis is client
+
+        def give_up(exc: Exception, again: bool) -> BaseException:
+            if again:
+                return BrokerError(
+                    f"Redis {what} failed: {self._config.host}:{self._config.port} "
+                    f"unreachable for {self._config.retry_for:g}s: {exc}"
                 )
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, _BACKOFF_CAP)
-            except RedisError as exc:
-                raise BrokerError(f"Redis {what} failed: {exc}") from exc
+            if isinstance(exc, lost):
+                return BrokerError(f"Redis broker closed during {what}")
+            if isinstance(exc, RedisError):
+                return BrokerError(f"Redis {what} failed: {exc}")
+            return exc
+
+        def warn(exc: Exception, delay: float) -> None:
+            log.warning(
+                "Redis %s failed (%s); reconnecting in %.2fs",
+                what,
+                exc,
+                delay,
+                extra={"event": "conveyor.broker_reconnect"},
+            )
+
+        return await keep_trying(
+            lambda: op(client),
+            within=self._config.retry_for,
+            transient=transient,
+            give_up=give_up,
+            warn=warn,
+        )
 
     async def _script(
         self, name: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]
