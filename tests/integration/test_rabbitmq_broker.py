@@ -283,3 +283,57 @@ async def test_building_does_not_connect_and_a_dead_server_is_a_broker_error() -
         await broker.connect()
     assert "secret" not in str(info.value)
     await broker.close()
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_batched_ack_never_covers_a_delivery_still_held(
+    url: str, queue_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is acked with one ``multiple=True`` ack up to the first tag
+    still held on the channel; what is held (or being handed back) is never
+    acked with it: after the connection drops, exactly those come back."""
+    url = f"{url}&queue_type={queue_type}"
+    calls: list[bool] = []
+    original = aio_pika.IncomingMessage.ack
+
+    async def spy(self: aio_pika.IncomingMessage, multiple: bool = False) -> None:
+        calls.append(multiple)
+        await original(self, multiple=multiple)
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", spy)
+    sent = [Message.create("batch", {"n": n}) for n in range(8)]
+    broker = _broker(url)
+    await broker.connect()
+    try:
+        await broker.declare("batch", "g")
+        await broker.publish(sent)
+        got: list[Delivery] = []
+
+        async def all_arrived() -> bool:
+            got.extend(await broker.fetch("batch", "g", max_messages=8, lease=60.0))
+            return len(got) == 8
+
+        await eventually(all_arrived, timeout=10.0)
+        by_n = {d.message.payload: d for d in got}
+        ordered = [by_n[m.payload] for m in sent]
+        held = {ordered[2].message.id, ordered[6].message.id}
+        # 0, 1 below the first held one (2): one multiple ack; 3, 4, 5, 7 one by one.
+        assert await broker.ack([d for d in ordered if d.message.id not in held]) == 6
+        assert calls.count(True) == 1
+        assert calls.count(False) == 4
+    finally:
+        await broker.close()  # the held two go back to the queue
+    again = _broker(url)
+    await again.connect()
+    try:
+        back: list[Delivery] = []
+
+        async def returned() -> bool:
+            back.extend(await again.fetch("batch", "g", max_messages=8, lease=60.0))
+            return len(back) >= 2
+
+        await eventually(returned, timeout=10.0)
+        assert {d.message.id for d in back} == held
+        assert await again.ack(back) == 2
+    finally:
+        await again.close()

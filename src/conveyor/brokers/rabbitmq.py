@@ -216,12 +216,17 @@ class _Consumer:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     leased: int = 0
     received: int = 0
+    # Delivery tags handed to this channel and not yet acked or rejected:
+    # an ack with multiple=True may cover a tag only if none below it is here.
+    unsettled: set[int] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:
         return not self.channel.is_closed
 
     def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.delivery_tag:
+            self.unsettled.add(message.delivery_tag)
         self.buffer.append(message)
         self.received += 1
         self.arrived.set()
@@ -449,12 +454,14 @@ class RabbitMQBroker:
                     # Unreadable: back to the queue as it is; the next fetch
                     # hands it out as malformed.
                     await incoming.nack(requeue=True)
+                    consumer.unsettled.discard(incoming.delivery_tag)
                     continue
                 readable.append(incoming)
                 routes.append((self._encode(message, message.attempt - 1), "", consumer.queue_name))
             await self._send(routes)
             for incoming in readable:
                 await incoming.ack()
+                consumer.unsettled.discard(incoming.delivery_tag)
 
     async def _quiesce(self, consumer: _Consumer, deadline: float) -> None:
         """Wait until RabbitMQ has nothing on its way to the consumer: its
@@ -793,6 +800,8 @@ class RabbitMQBroker:
                 payload=incoming.body,
                 attempt=_int_or(headers.get("x-delivery-count"), 0) + 1,
             )
+        if incoming.delivery_tag:  # also taken by basic.get, on the same channel
+            consumer.unsettled.add(incoming.delivery_tag)
         held = _Lease(consumer, incoming, delivery, time.monotonic() + lease)
         held.timer = asyncio.get_running_loop().call_later(lease, self._expire, receipt)
         self._leases[receipt] = held
@@ -829,6 +838,12 @@ class RabbitMQBroker:
 
     async def _release(self, held: _Lease) -> None:
         """Hand a delivery back for immediate redelivery, attempt counted."""
+        try:
+            await self._hand_back(held)
+        finally:
+            held.consumer.unsettled.discard(held.incoming.delivery_tag)
+
+    async def _hand_back(self, held: _Lease) -> None:
         with contextlib.suppress(*_DRIVER_ERRORS):
             if not self._quorum:
                 # Classic queues only flag a redelivery: requeue a copy that
@@ -845,24 +860,54 @@ class RabbitMQBroker:
             await held.incoming.reject(requeue=True)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> int:
+        """One ``basic.ack`` with ``multiple=True`` for the longest run of
+        this batch's delivery tags, per channel, below which nothing else on
+        the channel is still unsettled; the others one by one."""
+        taken: dict[_Consumer, dict[int, _Lease]] = {}
         done = 0
         for delivery in deliveries:
             held = self._take(delivery)
             if held is None:
                 continue
-            try:
-                await held.incoming.ack()
-            except _DRIVER_ERRORS:
-                # The channel is gone, and with it the lease: RabbitMQ
-                # redelivers the message, and the inbox absorbs the copy.
+            tag = held.incoming.delivery_tag
+            if tag:
+                taken.setdefault(held.consumer, {})[tag] = held
                 continue
-            done += 1
+            with contextlib.suppress(*_DRIVER_ERRORS):  # no tag to count on: alone
+                await held.incoming.ack()
+                done += 1
+        for consumer, mine in taken.items():
+            others = [t for t in consumer.unsettled if t not in mine]
+            below = min(others) if others else None
+            run = sorted(t for t in mine if below is None or t < below)
+            singles = [t for t in mine if below is not None and t > below]
+            if len(run) == 1:
+                singles.append(run.pop())
+            try:
+                if run:
+                    await mine[run[-1]].incoming.ack(multiple=True)
+                    consumer.unsettled.difference_update(run)
+                    done += len(run)
+                for tag in singles:
+                    await mine[tag].incoming.ack()
+                    consumer.unsettled.discard(tag)
+                    done += 1
+            except _DRIVER_ERRORS:
+                # The channel is gone, and with it the leases: RabbitMQ
+                # redelivers those messages, and the inbox absorbs the copies.
+                continue
         return done
 
     async def nack(self, delivery: Delivery, *, delay: float) -> None:
         held = self._take(delivery)
         if held is None:
             return
+        try:
+            await self._nack(held, delivery, delay)
+        finally:
+            held.consumer.unsettled.discard(held.incoming.delivery_tag)
+
+    async def _nack(self, held: _Lease, delivery: Delivery, delay: float) -> None:
         if delay <= 0:
             if self._quorum:
                 with _translated("reject"):
