@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         description="defaults to broker_url when that is a database (SQLite, PostgreSQL)",
     )
     max_payload: int = pydantic.Field(default=DEFAULT_MAX_PAYLOAD, gt=0)
-    prefetch: int = pydantic.Field(default=64, gt=0, le=10_000)
+    prefetch: int = pydantic.Field(default=256, gt=0, le=10_000)
     lease: float = pydantic.Field(default=60.0, gt=0)
     grace_period: float = pydantic.Field(default=30.0, ge=0)
     migrate: bool = True

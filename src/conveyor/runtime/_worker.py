@@ -74,6 +74,38 @@ __all__ = ["Worker"]
 log = logging.getLogger("conveyor.worker")
 
 
+BATCH_SECONDS = 0.05
+"""How long a batch of the default size should take at most: a batch is
+handled in one transaction and committed at its end, so this bounds the
+time a batch's first message waits for its commit (and, on SQLite, how long
+a worker holds the write lock)."""
+FIRST_BATCH = 16
+
+
+class _Sizer:
+    """The batch size of a handler without its own ``prefetch``: from
+    ``FIRST_BATCH``, at most doubling from one batch to the next, up to
+    ``ceiling`` (``Settings.prefetch``) and to as many messages as fit in
+    ``BATCH_SECONDS`` at the handler's recent speed. A fast handler gets the
+    whole ceiling; a slow one small batches that cannot outlive their lease."""
+
+    __slots__ = ("ceiling", "per_message", "size")
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.size = min(ceiling, FIRST_BATCH)
+        self.per_message = 0.0
+
+    def took(self, seconds: float, count: int) -> None:
+        sample = seconds / count
+        self.per_message = sample if not self.per_message else 0.7 * self.per_message + 0.3 * sample
+        fits = int(BATCH_SECONDS / self.per_message) if self.per_message > 0 else self.ceiling
+        if count >= self.size:  # a full batch: the backlog can take a bigger one
+            self.size = max(1, min(self.ceiling, 2 * self.size, fits))
+        else:
+            self.size = max(1, min(self.size, fits))
+
+
 @dataclass(slots=True)
 class _Outcome:
     """What the unit of work decided for one delivery."""
@@ -310,6 +342,9 @@ class Worker:
             # nor runs as a burst after its last permit.
             default = handler.concurrency if binding is None else 1
         prefetch = handler.prefetch or default
+        # A handler's own prefetch, or one bounded by a rate limit, is used
+        # as it is; the default is a ceiling the batch size grows toward.
+        sizer = None if handler.prefetch or handler.rate_limit is not None else _Sizer(prefetch)
         failures = 0
         while not self.stopping:
             # Paused, outside _busy so stop() cancels the wait, while a breaker
@@ -324,12 +359,17 @@ class Worker:
                     )
             else:
                 size = prefetch
+            if sizer is not None:
+                size = min(size, sizer.size)
             self._busy.add(task)
             try:
+                started = time.perf_counter()
                 if binding is not None:
                     count = await self._bound_batch(handler, call, binding, size)
                 else:
                     count = await self._batch(handler, call, size)
+                if sizer is not None and count:
+                    sizer.took(time.perf_counter() - started, count)
                 failures = 0
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
