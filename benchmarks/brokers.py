@@ -745,7 +745,7 @@ def _print(console: Console, r: Results, chosen: list[str]) -> None:
             (
                 "  / raw client consume",
                 _percent(r.get(key)),
-                target(key, 0.4, ">= 40%"),
+                target(key, 0.5, ">= 50%"),
             )
         )
         if broker in DRAMATIQ:
