@@ -81,7 +81,10 @@ def test_publish_then_queues_shows_the_message(tmp_path: Path) -> None:
     ("args", "needle"),
     [
         (("publish", "t", "{}", "--broker", "bogus://x"), "unknown broker URL scheme 'bogus'"),
-        (("publish", "t", "{}", "--broker", "sqlite:///x.db?nope=1"), "unknown option(s) nope"),
+        (
+            ("publish", "t", "{}", "--broker", "sqlite:///x.db?nope=1"),
+            "unknown option 'nope' in SQLite URL",
+        ),
         (("publish", "t", "{not json", "--broker", "sqlite:///x.db"), "not valid JSON"),
         (("publish", "t", "{}", "-H", "novalue", "--broker", "sqlite:///x.db"), "NAME=VALUE"),
         (("worker", "nosuchmodule:app"), "cannot import 'nosuchmodule'"),
