@@ -1,13 +1,16 @@
 """A RabbitMQ connection reset during the AMQP handshake: aiormq cancels its
 own tasks and a CancelledError comes out of aio_pika.connect. That is a
 failed attempt (tried again by connect_within), not a cancellation of the
-caller; a real cancellation still cancels."""
+caller; a real cancellation still cancels. A failed attempt closes its
+connection object at once."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
+import aio_pika
 import pytest
 
 from conveyor.brokers.rabbitmq import RabbitMQBroker
@@ -24,7 +27,7 @@ def test_a_cancelled_error_from_inside_the_driver_is_a_failed_attempt(
         calls += 1
         raise asyncio.CancelledError()  # as aiormq's close() does to its tasks
 
-    monkeypatch.setattr("aio_pika.connect", connect)
+    monkeypatch.setattr("aio_pika.Connection.connect", connect)
     broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=0.5")
 
     async def main() -> None:
@@ -42,7 +45,7 @@ def test_cancelling_the_caller_still_cancels(monkeypatch: pytest.MonkeyPatch) ->
         started.set()
         await asyncio.sleep(3600)
 
-    monkeypatch.setattr("aio_pika.connect", connect)
+    monkeypatch.setattr("aio_pika.Connection.connect", connect)
     broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=60")
 
     async def main() -> None:
@@ -53,3 +56,28 @@ def test_cancelling_the_caller_still_cancels(monkeypatch: pytest.MonkeyPatch) ->
             await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
+
+
+async def test_a_failed_attempt_leaves_no_connection_to_the_garbage_collector() -> None:
+    """aio_pika's Connection.__del__ schedules close() on whatever loop is
+    current when the collector runs; with none, that coroutine is never
+    awaited (a warning at some later, unrelated point)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gc.disable()  # keep what the failed attempts left in reference cycles
+    try:
+        broker = RabbitMQBroker(f"amqp://guest:guest@127.0.0.1:{port}/?connect_timeout=1")
+        with pytest.raises(BrokerError):
+            await broker.connect()
+        await broker.close()
+        left = [
+            o for o in gc.get_objects() if isinstance(o, aio_pika.Connection) and not o.is_closed
+        ]
+    finally:
+        gc.enable()
+        server.close()
+    assert left == []

@@ -92,6 +92,7 @@ import aio_pika
 import aio_pika.abc
 import pamqp.commands
 import pamqp.exceptions
+from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPException
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within
@@ -361,20 +362,28 @@ class RabbitMQBroker:
     async def _open(self) -> aio_pika.abc.AbstractConnection:
         url = self._config.connection_url
         task = asyncio.current_task()
+        # Built here rather than by aio_pika.connect so a failed attempt is
+        # closed at once: left to the garbage collector, aio_pika's __del__
+        # schedules close() wherever it runs, even with no loop to await it.
+        connection = aio_pika.Connection(
+            make_url(url),
+            ssl_context=self._config.tls.context() if url.startswith("amqps:") else None,
+            client_properties={"connection_name": self.connection_name},
+        )
         try:
-            return await aio_pika.connect(
-                url,
-                ssl_context=self._config.tls.context() if url.startswith("amqps:") else None,
-                timeout=self._config.connect_timeout,
-                client_properties={"connection_name": self.connection_name},
-            )
-        except asyncio.CancelledError as exc:
+            await connection.connect(timeout=self._config.connect_timeout)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connection.close())
             # aiormq closing a connection reset mid-handshake cancels its own
             # tasks, and that CancelledError reaches here: a failed attempt
             # (tried again), unless this task itself is being cancelled.
-            if task is None or task.cancelling():
-                raise
-            raise ConnectionResetError(f"connection closed during the handshake: {exc!r}") from exc
+            if isinstance(exc, asyncio.CancelledError) and not (task is None or task.cancelling()):
+                raise ConnectionResetError(
+                    f"connection closed during the handshake: {exc!r}"
+                ) from exc
+            raise
+        return connection
 
     def _safe_url(self) -> str:
         parts = urlsplit(self._config.connection_url)
