@@ -8,7 +8,10 @@ redis-server, PostgreSQL cluster and nats-server on free ports that accept
 TLS with a client certificate only: Redis has no plaintext port,
 PostgreSQL's pg_hba has one ``hostssl ... cert`` line and nothing else,
 NATS runs with ``--tlsverify``; ``tls_rabbitmq()`` a RabbitMQ node of its
-own with a TLS listener only (``fail_if_no_peer_cert``).
+own with a TLS listener only (``fail_if_no_peer_cert``); ``tls_kafka()``
+Tansu, which cannot terminate TLS itself (its 0.6 ``--cert`` serves
+plaintext), behind a TLS front that requires a client certificate, the
+only address it advertises.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import atexit
 import datetime
 import ipaddress
 import shutil
+import ssl
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -29,11 +33,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers import NatsServer, PrivatePostgres, PrivateRabbitMQ, RedisServer
+from conveyor.testing._kafka import KafkaServer, start_kafka
+from tests.proxy import Proxy
+from tests.servers import NatsServer, PrivatePostgres, PrivateRabbitMQ, RedisServer, _free_port
 
 __all__ = [
     "Certificates",
     "certificates",
+    "tls_kafka",
     "tls_nats",
     "tls_postgres",
     "tls_rabbitmq",
@@ -275,6 +282,35 @@ class TlsRabbitMQ(PrivateRabbitMQ):
         )
 
 
+class TlsKafka:
+    """Tansu on a private port, reached only through a TLS front on another
+    that requires a client certificate signed by the test CA."""
+
+    def __init__(self, certs: Certificates) -> None:
+        self.certs = certs
+        self.port = _free_port()
+        self.plain_url = f"kafka://127.0.0.1:{self.port}?connect_timeout=3"
+        self.url = f"kafka://127.0.0.1:{self.port}?security_protocol=SSL&" + urlencode(
+            client_options(certs, libpq=False)
+        )
+        self._front: Proxy | None = None
+        self._tansu: KafkaServer | None = None
+
+    def start(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.certs.ca))
+        context.load_cert_chain(self.certs.server_cert, self.certs.server_key)
+        context.verify_mode = ssl.CERT_REQUIRED
+        behind = _free_port()
+        self._front = Proxy(behind, port=self.port, tls=context)
+        self._tansu = start_kafka(port=behind, advertised_port=self.port)
+
+    def stop(self) -> None:
+        if self._tansu is not None:
+            self._tansu.stop()
+        if self._front is not None:
+            self._front.close()
+
+
 def _started(server: Any, *cleanup: Path) -> Any:
     """``server`` started, to be stopped (and ``cleanup`` removed) at exit."""
     server.start()
@@ -310,3 +346,9 @@ def tls_rabbitmq() -> TlsRabbitMQ:
     """The process's TLS-only RabbitMQ (started on first use, stopped at exit)."""
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-tls-rabbitmq-"))
     return cast(TlsRabbitMQ, _started(TlsRabbitMQ(workdir, certificates()), workdir))
+
+
+@cache
+def tls_kafka() -> TlsKafka:
+    """The process's TLS-only Kafka (started on first use, stopped at exit)."""
+    return cast(TlsKafka, _started(TlsKafka(certificates())))

@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import httpx
 from conveyor import App, Settings
 from conveyor.examples.orders.demo import PRODUCTS
 from conveyor.examples.orders.services import TERMINAL, check_invariants
+from tests.proxy import Proxy
 from tests.servers import PrivatePostgres, PrivateRabbitMQ, RedisServer, _free_port
 
 __all__ = ["CONFIGS", "Report", "run"]
@@ -89,103 +89,19 @@ class _RabbitMQ(PrivateRabbitMQ):
         self.url = f"{self.url}?namespace=chaos&connect_timeout=120"
 
 
-class _Proxy:
-    """A TCP proxy on 127.0.0.1 between the processes and one server, run on
-    an event loop of its own thread, that the nemesis turns into a network
-    fault: ``blackhole`` (connections stay open, nothing gets through, new
-    ones are accepted and hang), ``reset`` (every open connection is reset),
-    ``delay`` (each chunk waits 150 ms), then ``pass`` again."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = _free_port()
-        self.mode = "pass"
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._links: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, "127.0.0.1", self.port), self._loop
-        ).result(10)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        self._links.update((writer, up_writer))
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-        for w in (writer, up_writer):
-            self._links.discard(w)
-            w.close()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            await self._flowing.wait()  # cleared while blackholed
-            if self.mode == "delay":
-                await asyncio.sleep(0.15)
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    def set(self, fault: str) -> None:
-        def apply() -> None:
-            mode = fault
-            if mode == "reset":
-                for w in list(self._links):
-                    sock = w.get_extra_info("socket")
-                    if sock is not None:  # SO_LINGER 0: close sends RST
-                        with contextlib.suppress(OSError):
-                            sock.setsockopt(
-                                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0"
-                            )
-                    w.transport.abort()
-                self._links.clear()
-                mode = "pass"
-            self.mode = mode
-            if mode == "blackhole":
-                self._flowing.clear()
-            else:
-                self._flowing.set()
-
-        self._loop.call_soon_threadsafe(apply)
-
-    def close(self) -> None:
-        async def shut() -> None:
-            self._server.close()
-            for w in list(self._links):
-                w.transport.abort()
-            me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._loop.close()
-
-
 @dataclass
 class _Setup:
     broker_url: str
     store_url: str
     servers: list[_Redis | _Postgres | _RabbitMQ]
     relay: bool
-    proxies: dict[str, _Proxy] = field(default_factory=dict)
+    proxies: dict[str, Proxy] = field(default_factory=dict)
     """The servers the processes reach through a proxy, by name."""
 
 
 def _through_proxy(setup: _Setup, server: _Redis | _RabbitMQ) -> None:
     """The processes reach ``server`` (the broker) through a proxy."""
-    proxy = _Proxy(server.port)
+    proxy = Proxy(server.port)
     setup.proxies[server.name] = proxy
     setup.broker_url = setup.broker_url.replace(f":{server.port}/", f":{proxy.port}/", 1)
 
@@ -363,7 +279,7 @@ async def _post(
 def _nemesis(
     procs: list[_Proc],
     servers: list[_Redis | _Postgres | _RabbitMQ],
-    proxies: dict[str, _Proxy],
+    proxies: dict[str, Proxy],
     rng: random.Random,
     deadline: float,
     report: Report,

