@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from conveyor._urls import Option, redact
 from conveyor.errors import ConfigError
 
-__all__ = ["LIBPQ", "PYTHON", "TlsFiles", "tls_failure", "tls_files", "tls_options"]
+__all__ = [
+    "LIBPQ",
+    "PYTHON",
+    "TlsFiles",
+    "readable_file",
+    "tls_failure",
+    "tls_files",
+    "tls_options",
+]
 
 PYTHON = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 """Option names for the CA, the client certificate and its key (redis-py's)."""
@@ -76,13 +84,7 @@ def tls_files(
         if path is None:
             found.append(None)
             continue
-        if not path:
-            raise ConfigError(f"{name} is empty in {redact(url)!r}: name a PEM file")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{name}={path!r} in {redact(url)!r}: no such file")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(f"{name}={path!r} in {redact(url)!r}: not readable by this process")
-        found.append(path)
+        found.append(readable_file(name, path, url, what="a PEM file"))
     ca, cert, key = found
     if key is not None and cert is None:
         raise ConfigError(f"{names[2]} without {names[1]} in {redact(url)!r}: name both")
@@ -93,6 +95,18 @@ def tls_files(
             f"TLS options in {redact(url)!r} need the {secure}:// scheme ({plain}:// is plaintext)"
         )
     return tls
+
+
+def readable_file(name: str, path: str, url: str, *, what: str) -> str:
+    """``path``, the value of option ``name`` in ``url``, if it names a file
+    this process can read; a ``ConfigError`` saying which it is not."""
+    if not path:
+        raise ConfigError(f"{name} is empty in {redact(url)!r}: name {what}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name}={path!r} in {redact(url)!r}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}={path!r} in {redact(url)!r}: not readable by this process")
+    return path
 
 
 def tls_failure(exc: BaseException | None) -> str | None:

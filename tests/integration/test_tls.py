@@ -1,5 +1,6 @@
 """Encrypted, authenticated connections, tried against TLS-only servers of
-the tests' own (tests/tls.py): a throw-away CA signs the servers' and the
+the tests' own (tests/tls.py) and NATS servers that take nkeys and creds
+files (tests/nats_auth.py): a throw-away CA signs the servers' and the
 client's certificates, Redis has no plaintext port and requires a client
 certificate, PostgreSQL accepts ``hostssl ... cert`` only. The conformance
 suite runs over both as ``redis-tls`` and ``postgres-tls``."""
@@ -16,6 +17,7 @@ from conveyor.brokers import Delivery, broker_from_url
 from conveyor.errors import BrokerError, ConfigError
 from conveyor.store import store_from_url
 from conveyor.testing._kafka import start_kafka
+from tests.nats_auth import NkeyNats, jwt_nats, nkey_nats
 from tests.tls import certificates, tls_kafka, tls_nats, tls_postgres, tls_rabbitmq, tls_redis
 
 pytestmark = pytest.mark.slow
@@ -166,19 +168,7 @@ async def test_kafka_carries_messages_over_mutual_tls() -> None:
     """Publish, fetch and acknowledge through the TLS front only: every
     client the broker makes (producer, admin, group consumer, registry
     reader) speaks TLS with the client certificate, or nothing would pass."""
-    broker = broker_from_url(f"{tls_kafka().url}&namespace=tlskafka")
-    await broker.connect()
-    try:
-        await broker.declare("tls.k", "g")
-        await broker.publish([Message.create("tls.k", {"n": 1})])
-        deliveries: list[Delivery] = []
-        async with asyncio.timeout(60):
-            while not deliveries:
-                deliveries = list(await broker.fetch("tls.k", "g", max_messages=10, lease=30))
-        assert [d.message.decode(dict) for d in deliveries] == [{"n": 1}]
-        await broker.ack(deliveries)
-    finally:
-        await broker.close()
+    await _round_trip(f"{tls_kafka().url}&namespace=tlskafka")
 
 
 async def test_kafka_credentials_the_server_refuses_are_one_error_at_once() -> None:
@@ -209,3 +199,54 @@ async def test_a_sasl_mechanism_the_kafka_server_lacks_is_one_error_at_once() ->
         server.stop()
     assert "refused PLAIN authentication as 'alice'" in text
     assert "hunter2" not in text
+
+
+async def _round_trip(url: str) -> None:
+    broker = broker_from_url(url)
+    await broker.connect()
+    try:
+        await broker.declare("auth.t", "g")
+        await broker.publish([Message.create("auth.t", {"n": 1})])
+        deliveries: list[Delivery] = []
+        async with asyncio.timeout(60):
+            while not deliveries:
+                deliveries = list(await broker.fetch("auth.t", "g", max_messages=10, lease=30))
+        assert [d.message.decode(dict) for d in deliveries] == [{"n": 1}]
+        await broker.ack(deliveries)
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("kind", ["nkey", "creds"])
+async def test_nats_authenticates_with_an_nkey_or_a_creds_file(kind: str) -> None:
+    """A server that lists the user's public nkey, and one in operator (JWT)
+    mode: the seed signs the server's nonce; without it nothing connects."""
+    server = nkey_nats() if kind == "nkey" else jwt_nats()
+    good = server.seed if isinstance(server, NkeyNats) else server.creds
+    await _round_trip(f"{server.url}?{kind}={good}&namespace=auth{kind}")
+    text = await _connect_error(f"{server.url}?connect_timeout=600")
+    assert "the server refused this client's credentials" in text
+
+
+@pytest.mark.parametrize("kind", ["nkey", "creds"])
+async def test_nats_credentials_the_server_does_not_know_are_one_error_at_once(kind: str) -> None:
+    server = nkey_nats() if kind == "nkey" else jwt_nats()
+    other = server.stranger_seed if isinstance(server, NkeyNats) else server.stranger_creds
+    text = await _connect_error(f"{server.url}?{kind}={other}&connect_timeout=600")
+    assert "the server refused this client's credentials" in text
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("nkey=/nonexistent/user.nk", "nkey='/nonexistent/user.nk' in 'nats://"),
+        ("creds=", "creds is empty"),
+        ("creds={f}&nkey={f}", "creds and nkey both"),
+    ],
+)
+def test_bad_nats_credential_options_are_one_line_config_errors(query: str, needle: str) -> None:
+    url = "nats://127.0.0.1:4222?" + query.format(f=certificates().ca)
+    with pytest.raises(ConfigError) as info:
+        broker_from_url(url)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)

@@ -25,6 +25,12 @@ Options (anything else is a ``ConfigError``):
 - ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``: with ``tls://`` instead
   of ``nats://``, the CA that signs the server's certificate (default: the
   system's) and a client certificate for servers run with ``--tlsverify``.
+- ``creds``: a credentials file (``.creds``: a user JWT and its nkey seed,
+  as ``nsc`` writes them) for servers in operator (JWT) mode; ``nkey``: a
+  file holding a user's nkey seed (``SU...``) for servers that list the
+  user's public key (``authorization { users = [{nkey: U...}] }``). One or
+  the other, never both; user and password go in the URL. Credentials the
+  server refuses are one ``BrokerError`` at once, not retried.
 
 Topology. One stream per namespace with *limits* retention: a message stays
 for ``max_age``, acknowledged or not, like a Kafka topic's retention. (Interest
@@ -64,6 +70,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import re
@@ -92,7 +99,7 @@ from nats.js.api import (
 
 from conveyor._connect import DEFAULT_CONNECT_TIMEOUT, connect_within, keep_trying
 from conveyor._time import Clock, SystemClock
-from conveyor._tls import TlsFiles, tls_failure, tls_files, tls_options
+from conveyor._tls import TlsFiles, readable_file, tls_failure, tls_files, tls_options
 from conveyor._urls import Option, redact, url_options
 from conveyor.brokers._kit import malformed_delivery, short_reason
 from conveyor.brokers._protocol import Capabilities, Delivery, QueueStats
@@ -121,6 +128,8 @@ _OPTIONS = {
     "max_age": Option(7 * 86400.0, float, low=60.0),
     "timeout": Option(30.0, float, low=0.1),
     "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, low=0.1),
+    "creds": Option(expect="a .creds file"),
+    "nkey": Option(expect="a file holding an nkey seed"),
     **tls_options(),
 }
 # Headers and envelope must fit next to the payload in the server's default
@@ -157,6 +166,8 @@ class _Config:
     timeout: float
     connect_timeout: float
     tls: TlsFiles
+    creds: str | None = None
+    nkey: str | None = None
 
 
 def _parse(url: str) -> _Config:
@@ -187,7 +198,30 @@ def _parse(url: str) -> _Config:
         timeout=values["timeout"],
         connect_timeout=values["connect_timeout"],
         tls=tls_files(values, url, schemes=("nats", "tls")),
+        **_credentials(values, url),
     )
+
+
+def _credentials(values: dict[str, Any], url: str) -> dict[str, str | None]:
+    """The ``creds`` or ``nkey`` file the URL names, checked to be readable;
+    nats-py signs the server's nonce with it through the nkeys package."""
+    creds, nkey = values["creds"], values["nkey"]
+    if creds is not None and nkey is not None:
+        raise ConfigError(f"creds and nkey both in {redact(url)!r}: name one")
+    if creds is None and nkey is None:
+        return {}
+    if importlib.util.find_spec("nkeys") is None:
+        raise ConfigError(
+            f"creds or nkey in {redact(url)!r} need the nkeys package: pip install 'conveyor[nats]'"
+        )
+    return {
+        "creds": None
+        if creds is None
+        else readable_file("creds", creds, url, what="a .creds file"),
+        "nkey": None
+        if nkey is None
+        else readable_file("nkey", nkey, url, what="an nkey seed file"),
+    }
 
 
 def _digest(*parts: str, size: int = 20) -> str:
@@ -315,6 +349,8 @@ class NatsBroker:
             servers=self._config.servers,
             tls=tls.context() if self._config.servers[0].startswith("tls:") else None,
             name=f"conveyor {self._config.namespace}",
+            user_credentials=self._config.creds,
+            nkeys_seed=self._config.nkey,
             connect_timeout=min(5.0, self._config.timeout),
             allow_reconnect=True,
             max_reconnect_attempts=-1,
@@ -347,8 +383,20 @@ class NatsBroker:
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS connection error: %r", exc, extra={"event": "conveyor.broker_error"})
         refused = self._refused
-        if refused is not None and not refused.done() and tls_failure(exc) is not None:
+        if refused is None or refused.done():
+            return
+        if tls_failure(exc) is not None:
             refused.set_result(exc)
+        elif isinstance(exc, nats.errors.AuthorizationError) or (
+            isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+        ):  # nats-py passes the server's -ERR on as a plain Error
+            refused.set_result(
+                BrokerError(
+                    f"cannot connect to NATS at {', '.join(self._hosts())}: the server refused "
+                    "this client's credentials (authorization violation); check the user and "
+                    "password, creds or nkey the URL names"
+                )
+            )
 
     async def _on_disconnected(self) -> None:
         if self._nc is None:  # closing
