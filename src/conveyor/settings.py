@@ -12,6 +12,7 @@ from typing import Any
 import pydantic
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conveyor._loop import EventLoop
 from conveyor.errors import ConfigError
 from conveyor.messages import DEFAULT_MAX_PAYLOAD
 
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     connects (a locked, additive migration); off: refuse a database at an
     older or unrecorded layout, for ``conveyor migrate`` to run first."""
     idle_poll: float = pydantic.Field(default=0.5, gt=0, le=60)
+    event_loop: EventLoop = pydantic.Field(
+        default="auto",
+        description="auto: uvloop when installed (the http extra brings it), else asyncio's",
+    )
     inbox_retention: float = pydantic.Field(default=7 * 24 * 3600.0, gt=0)
     shed_above: int | None = pydantic.Field(
         default=None,

@@ -99,11 +99,14 @@ class _Setup:
     """The servers the processes reach through a proxy, by name."""
 
 
-def _through_proxy(setup: _Setup, server: _Redis | _RabbitMQ) -> None:
-    """The processes reach ``server`` (the broker) through a proxy."""
+def _through_proxy(setup: _Setup, server: _Redis | _Postgres | _RabbitMQ) -> None:
+    """The processes reach ``server`` (the broker or the database) through a
+    proxy, so the nemesis can blackhole, reset and delay that link."""
     proxy = Proxy(server.port)
     setup.proxies[server.name] = proxy
-    setup.broker_url = setup.broker_url.replace(f":{server.port}/", f":{proxy.port}/", 1)
+    old, new = f":{server.port}/", f":{proxy.port}/"
+    setup.broker_url = setup.broker_url.replace(old, new, 1)
+    setup.store_url = setup.store_url.replace(old, new, 1)
 
 
 def _sqlite(workdir: Path) -> _Setup:
@@ -115,6 +118,7 @@ def _redis_postgres(workdir: Path) -> _Setup:
     redis, postgres = _Redis(workdir), _Postgres(workdir)
     setup = _Setup(redis.url, postgres.url, [redis, postgres], relay=True)
     _through_proxy(setup, redis)
+    _through_proxy(setup, postgres)
     return setup
 
 
@@ -122,6 +126,7 @@ def _rabbitmq_postgres(workdir: Path) -> _Setup:
     rabbitmq, postgres = _RabbitMQ(workdir), _Postgres(workdir)
     setup = _Setup(rabbitmq.url, postgres.url, [rabbitmq, postgres], relay=True)
     _through_proxy(setup, rabbitmq)
+    _through_proxy(setup, postgres)
     return setup
 
 

@@ -27,6 +27,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
+from conveyor._loop import run as run_loop
 from conveyor.runtime import App, Context
 from conveyor.settings import Settings
 
@@ -177,7 +178,7 @@ def _child(
             done.set()
 
     if mode == "idle":
-        return asyncio.run(_idle(app))
+        return run_loop(_idle(app), app.settings.event_loop)
     shutdown = _observe(app, os.environ.get(OBSERVE_ENV, ""))
 
     if mode == "uow":
@@ -226,7 +227,7 @@ def _child(
             out["max_ms"] = latencies[-1] * 1000
         return out
 
-    return asyncio.run(main())
+    return run_loop(main(), app.settings.event_loop)
 
 
 OBSERVE_ENV = "CONVEYOR_BENCH_OBSERVE"

@@ -9,14 +9,16 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from conveyor._loop import EventLoop
+from conveyor._loop import run as run_loop
 from conveyor._sqlite import parse_url as parse_sqlite_url
 from conveyor._urls import redact
 from conveyor.brokers import broker_from_url
@@ -154,9 +156,9 @@ def _settings(
     return settings
 
 
-def _run(make: Callable[[], Awaitable[T]]) -> T:
+def _run(make: Callable[[], Coroutine[Any, Any, T]], loop: EventLoop = "auto") -> T:
     try:
-        return asyncio.run(make())  # type: ignore[arg-type]
+        return run_loop(make(), loop)
     except ConveyorError as exc:
         errors.print(error_line(exc))
         raise typer.Exit(1) from None
@@ -249,7 +251,7 @@ def worker(
         base.update({k: v for k, v in overrides.items() if v is not None})
         application.settings = load_settings(**base)
     _setup_logging(application.settings.log_level, application.settings.log_format)
-    _run(lambda: _observed(application))
+    _run(lambda: _observed(application), application.settings.event_loop)
 
 
 async def _observed(application: App) -> None:
@@ -372,7 +374,7 @@ def relay(
     """Publish committed outbox rows to the broker (needed only when the store
     is not the broker's database and no worker is running)."""
     settings = _settings(broker, store, env_file, log_level, log_format)
-    _run(App("relay", settings=settings).run)
+    _run(App("relay", settings=settings).run, settings.event_loop)
 
 
 @app.command()

@@ -1,0 +1,49 @@
+"""The event loop a worker runs on: uvloop when installed (``auto``), or
+as ``event_loop`` / ``CONVEYOR_EVENT_LOOP`` says."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pytest
+
+from conveyor import Settings
+from conveyor._loop import loop_factory, run
+from conveyor.errors import ConfigError
+from conveyor.settings import load_settings
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_auto_runs_on_uvloop_when_it_is_installed() -> None:
+    assert importlib.util.find_spec("uvloop") is not None  # the http extra brings it
+    assert run(_loop_module()).startswith("uvloop")
+    assert run(_loop_module(), "uvloop").startswith("uvloop")
+
+
+def test_asyncio_never_uses_uvloop() -> None:
+    assert loop_factory("asyncio") is None
+    assert run(_loop_module(), "asyncio").startswith("asyncio")
+
+
+def test_without_uvloop_auto_falls_back_and_uvloop_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    assert loop_factory("auto") is None
+    assert run(_loop_module()).startswith("asyncio")
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        run(_loop_module(), "uvloop")
+
+
+def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().event_loop == "auto"
+    monkeypatch.setenv("CONVEYOR_EVENT_LOOP", "tokio")
+    with pytest.raises(ConfigError, match="invalid setting event_loop"):
+        load_settings()
