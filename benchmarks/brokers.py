@@ -4,8 +4,8 @@
                                        [--output results.json]
 
 Per broker, in one run on this machine: a hand-written batched client (the
-ceiling), Conveyor publishing and consuming with a no-op handler, Dramatiq on
-Redis and RabbitMQ, and on PostgreSQL the full unit of work against a raw
+ceiling), Conveyor publishing and consuming with a no-op handler, Dramatiq
+and FastStream on Redis and RabbitMQ, and on PostgreSQL the full unit of work against a raw
 asyncpg loop. Every server-side name carries this run's token and is deleted
 at the end; Kafka (Tansu, in memory) is started for the run and stopped.
 """
@@ -50,6 +50,7 @@ PAYLOAD = json.dumps({"i": 0, "amount": 1234}).encode()
 # Every loop below stops after this long even if a server stops answering.
 STEP_TIMEOUT = 180.0
 DRAMATIQ_THREADS = 8  # Dramatiq's default per process
+HERE = Path(__file__).resolve().parent
 
 Results = dict[str, Any]
 T = TypeVar("T")
@@ -345,10 +346,42 @@ async def raw_postgres_uow(url: str, n: int, schema: str) -> float:
 # -- Dramatiq --------------------------------------------------------------------
 
 
+def _peer_rate(
+    what: str, preload: list[str], worker: list[str], env: dict[str, str], out: str, n: int
+) -> float:
+    """Run ``preload`` (enqueues ``n`` messages), then ``worker`` until it
+    writes ``{"first": t, "last": t}`` to ``out``; the rate from the first
+    call to the last."""
+    subprocess.run(preload, env=env, check=True, timeout=STEP_TIMEOUT, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        worker,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = _deadline()
+        while not os.path.exists(out):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with code {proc.returncode}")
+            _check(deadline, what, 0, n)
+            time.sleep(0.05)
+        marks = json.loads(Path(out).read_text())
+        return (n - 1) / (marks["last"] - marks["first"])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def dramatiq_rate(url: str, n: int, token: str, workdir: str) -> float:
     """Enqueue ``n`` messages for a no-op actor, then run ``dramatiq`` (one
-    process, default threads) until it has run them all; from the first
-    call to the last."""
+    process, default threads) until it has run them all."""
     queue = f"{token}_dramatiq"
     out = os.path.join(workdir, f"dramatiq-{uuid.uuid4().hex}.json")
     env = {
@@ -359,56 +392,45 @@ def dramatiq_rate(url: str, n: int, token: str, workdir: str) -> float:
         "BENCH_DRAMATIQ_COUNT": str(n),
         "BENCH_DRAMATIQ_OUT": out,
     }
-    here = Path(__file__).resolve().parent
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]); import dramatiq_app as a\n"
         "for i in range(int(sys.argv[2])): a.noop.send(i)\n"
         "a.broker.close()"
     )
-    subprocess.run(
-        [sys.executable, "-c", code, str(here), str(n)],
-        env=env,
-        check=True,
-        timeout=STEP_TIMEOUT,
-        stdout=subprocess.DEVNULL,
+    preload = [sys.executable, "-c", code, str(HERE), str(n)]
+    worker = [sys.executable, "-m", "dramatiq", "dramatiq_app", "--path", str(HERE)]
+    worker += ["--processes", "1", "--threads", str(DRAMATIQ_THREADS), "--queues", queue]
+    return _peer_rate("dramatiq", preload, worker, env, out, n)
+
+
+def faststream_rate(url: str, n: int, token: str, workdir: str) -> float:
+    """Enqueue ``n`` messages, then run a FastStream no-op subscriber (one
+    process, prefetch 256, acknowledged after the handler) until it has
+    handled them all (benchmarks/faststream_app.py)."""
+    out = os.path.join(workdir, f"faststream-{uuid.uuid4().hex}.json")
+    env = {
+        **os.environ,
+        "BENCH_FS_URL": url,
+        "BENCH_FS_QUEUE": f"{token}_faststream",
+        "BENCH_FS_COUNT": str(n),
+        "BENCH_FS_OUT": out,
+    }
+    app = str(HERE / "faststream_app.py")
+    return _peer_rate(
+        "faststream",
+        [sys.executable, app, "publish"],
+        [sys.executable, app, "consume"],
+        env,
+        out,
+        n,
     )
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dramatiq",
-            "dramatiq_app",
-            "--path",
-            str(here),
-            "--processes",
-            "1",
-            "--threads",
-            str(DRAMATIQ_THREADS),
-            "--queues",
-            queue,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = _deadline()
-        while not os.path.exists(out):
-            if worker.poll() is not None:
-                raise RuntimeError(f"dramatiq exited with code {worker.returncode}")
-            _check(deadline, "dramatiq", 0, n)
-            time.sleep(0.05)
-        marks = json.loads(Path(out).read_text())
-        return (n - 1) / (marks["last"] - marks["first"])
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+
+
+PEERS: dict[str, tuple[str, Callable[[str, int, str, str], float]]] = {
+    "dramatiq": (f"Dramatiq (1 process, {DRAMATIQ_THREADS} threads)", dramatiq_rate),
+    "faststream": ("FastStream (1 process, prefetch 256)", faststream_rate),
+}
+"""Peer frameworks run on Redis and RabbitMQ: label and measurement."""
 
 
 # -- clean-up: everything whose name carries this run's token ----------------------
@@ -608,13 +630,22 @@ def run_broker_bench(
                 measure(f"{broker}.conveyor", f"{broker}: Conveyor consume", consume)
 
             if broker in DRAMATIQ:
+                for name, (_, measure_peer) in PEERS.items():
+                    if importlib.util.find_spec(name) is None:
+                        errors[f"{broker}.{name}"] = f"not available ({name} not installed)"
+                        continue
 
-                def peer(broker: str = broker) -> None:
-                    results[f"{broker}.dramatiq_consume"] = dramatiq_rate(
-                        server_url(broker), messages, token, tmp
-                    )
+                    def peer(
+                        broker: str = broker,
+                        name: str = name,
+                        measure_peer: Callable[[str, int, str, str], float] = measure_peer,
+                    ) -> None:
+                        results[f"{broker}.{name}_consume"] = measure_peer(
+                            server_url(broker), messages, token, tmp
+                        )
+                        rabbit_names.add(f"{token}_{name}")
 
-                measure(f"{broker}.dramatiq", f"{broker}: Dramatiq", peer)
+                    measure(f"{broker}.{name}", f"{broker}: {name}", peer)
 
         if "postgres" in chosen:
 
@@ -686,11 +717,15 @@ def _ratios(r: Results) -> None:
     for broker in BROKERS:
         conveyor = r.get(f"{broker}.conveyor_consume")
         raw = r.get(f"{broker}.raw_consume")
-        dramatiq = r.get(f"{broker}.dramatiq_consume")
         if conveyor and raw:
             r[f"{broker}.conveyor_vs_raw"] = conveyor / raw
-        if conveyor and dramatiq:
-            r[f"{broker}.conveyor_vs_dramatiq"] = conveyor / dramatiq
+        for name in PEERS:
+            peer = r.get(f"{broker}.{name}_consume")
+            if conveyor and peer:
+                r[f"{broker}.conveyor_vs_{name}"] = conveyor / peer
+        peers = [r[f"{broker}.{name}_consume"] for name in PEERS if f"{broker}.{name}_consume" in r]
+        if conveyor and peers:
+            r[f"{broker}.conveyor_vs_best_peer"] = conveyor / max(peers)
     if r.get("postgres.conveyor_uow") and r.get("postgres.raw_uow"):
         r["postgres.uow_vs_raw_uow"] = r["postgres.conveyor_uow"] / r["postgres.raw_uow"]
 
@@ -749,19 +784,20 @@ def _print(console: Console, r: Results, chosen: list[str]) -> None:
             )
         )
         if broker in DRAMATIQ:
-            key = f"{broker}.conveyor_vs_dramatiq"
-            rows += [
+            for name, (label, _) in PEERS.items():
+                key = f"{broker}.conveyor_vs_{name}"
+                rows += [
+                    (f"{label} consume", rate(f"{broker}.{name}_consume", f"{broker}.{name}"), ""),
+                    (f"  Conveyor / {label.split()[0]}", f"{r[key]:.1f}x" if key in r else "", ""),
+                ]
+            key = f"{broker}.conveyor_vs_best_peer"
+            rows.append(
                 (
-                    f"Dramatiq consume (1 process, {DRAMATIQ_THREADS} threads)",
-                    rate(f"{broker}.dramatiq_consume", f"{broker}.dramatiq"),
-                    "",
-                ),
-                (
-                    "  Conveyor / Dramatiq",
+                    "  Conveyor / the best peer",
                     f"{r[key]:.1f}x" if key in r else "",
                     target(key, 3.0, ">= 3x"),
-                ),
-            ]
+                )
+            )
         if broker == "postgres":
             key = "postgres.uow_vs_raw_uow"
             rows += [

@@ -156,6 +156,13 @@ class _Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def last_words(self) -> str:
+        """The last line the process wrote (why it exited, for the report)."""
+        with self.log.open("rb") as f:
+            f.seek(max(0, self.log.stat().st_size - 4096))
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line]
+        return " ".join(lines[-1].split())[:160] if lines else "(nothing)"
+
     def signal(self, sig: signal.Signals) -> None:
         if self.alive():
             assert self.popen is not None
@@ -177,6 +184,8 @@ class Report:
     exits: Counter[str] = field(default_factory=Counter)
     """Processes that exited on their own (a server they needed was down at
     their start) and were started again, by kind."""
+    exit_reasons: Counter[str] = field(default_factory=Counter)
+    """The last line each of those wrote, by kind and line."""
     submitted: int = 0
     duplicates: int = 0
     accepted: int = 0
@@ -194,6 +203,7 @@ class Report:
             "faults: " + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none"),
             "exited on their own and restarted: "
             + (", ".join(f"{k} x{n}" for k, n in sorted(self.exits.items())) or "none"),
+            *(f"  x{n} {why}" for why, n in sorted(self.exit_reasons.items())),
         ]
         lines += [
             f"  [{'ok' if held else 'VIOLATED'}] {name}: {d}" for name, held, d in self.invariants
@@ -310,6 +320,7 @@ def _nemesis(
         for proc in procs:
             if not proc.alive():
                 report.exits[proc.kind] += 1
+                report.exit_reasons[f"{proc.kind}: {proc.last_words()}"] += 1
                 proc.start()
         injected = sum(report.faults.values())
         if time.monotonic() > deadline and (injected >= min_faults or time.monotonic() > last):
