@@ -4,8 +4,8 @@
                                        [--output results.json]
 
 Per broker, in one run on this machine: a hand-written batched client (the
-ceiling), Conveyor publishing and consuming with a no-op handler, Dramatiq
-and FastStream on Redis and RabbitMQ, and on PostgreSQL the full unit of work against a raw
+ceiling), Conveyor publishing and consuming with a no-op handler, Dramatiq,
+FastStream and Taskiq on Redis and RabbitMQ, and on PostgreSQL the full unit of work against a raw
 asyncpg loop. Every server-side name carries this run's token and is deleted
 at the end; Kafka (Tansu, in memory) is started for the run and stopped.
 """
@@ -426,9 +426,29 @@ def faststream_rate(url: str, n: int, token: str, workdir: str) -> float:
     )
 
 
+def taskiq_rate(url: str, n: int, token: str, workdir: str) -> float:
+    """Enqueue ``n`` tasks, then run ``taskiq worker`` (one process, up to
+    256 tasks at once, prefetch 256) until it has run them all
+    (benchmarks/taskiq_app.py)."""
+    out = os.path.join(workdir, f"taskiq-{uuid.uuid4().hex}.json")
+    env = {
+        **os.environ,
+        "BENCH_TASKIQ_URL": url,
+        "BENCH_TASKIQ_QUEUE": f"{token}_taskiq",
+        "BENCH_TASKIQ_COUNT": str(n),
+        "BENCH_TASKIQ_OUT": out,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    preload = [sys.executable, str(HERE / "taskiq_app.py"), "publish"]
+    worker = [sys.executable, "-m", "taskiq", "worker", "taskiq_app:broker", "--workers", "1"]
+    worker += ["--max-async-tasks", "256", "--max-prefetch", "256"]
+    return _peer_rate("taskiq", preload, worker, env, out, n)
+
+
 PEERS: dict[str, tuple[str, Callable[[str, int, str, str], float]]] = {
     "dramatiq": (f"Dramatiq (1 process, {DRAMATIQ_THREADS} threads)", dramatiq_rate),
     "faststream": ("FastStream (1 process, prefetch 256)", faststream_rate),
+    "taskiq": ("Taskiq (1 process, 256 tasks at once)", taskiq_rate),
 }
 """Peer frameworks run on Redis and RabbitMQ: label and measurement."""
 
