@@ -101,3 +101,27 @@ def test_a_command_refuses_a_newer_database_in_one_line(url: str) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert f"layout {LAYOUT + 7}, newer" in lines[0]
+
+
+async def test_a_lost_connection_reading_the_layout_is_not_an_unrecorded_layout(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost at the first read is that error, raised: not a
+    database "not recorded" (refused with migrate off, or sent through the
+    upgrades); a missing table still reads as not recorded."""
+    from conveyor.errors import StoreError
+    from conveyor.store._schema import ensure_layout
+
+    async with _app(url) as app:
+        async with app.store.transaction() as tx:
+            await tx.execute("DROP TABLE conveyor_schema")
+        assert (await ensure_layout(app.store, migrate=True, now=0.0))[0] is None  # recorded again
+
+        async def lost(self: object, sql: str, params: object = ()) -> None:
+            raise StoreError("PostgreSQL or SQLite: connection lost") from ConnectionResetError(104)
+
+        async with app.store.transaction() as tx:
+            monkeypatch.setattr(type(tx), "fetchone", lost)
+        with pytest.raises(StoreError, match="connection lost") as info:
+            await ensure_layout(app.store, migrate=False, now=0.0)
+        assert not isinstance(info.value, LayoutError)

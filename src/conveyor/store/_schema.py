@@ -78,13 +78,27 @@ UPGRADES: dict[int, Callable[[Transaction], Awaitable[None]]] = {2: _api_key_sco
 
 
 async def recorded_layout(tx: Transaction) -> int | None:
-    """The layout ``conveyor_schema`` records (None: none recorded)."""
+    """The layout ``conveyor_schema`` records (None: none recorded, or no
+    such table yet). Any other failure, a connection lost above all, is
+    raised: read as "not recorded" it would send a database at the current
+    layout through the upgrades, or refuse it as unmigrated."""
     try:
         async with tx.savepoint():
             row = await tx.fetchone("SELECT layout FROM conveyor_schema WHERE id = 1")
-    except Exception:
-        return None
+    except Exception as exc:  # SQLite raises its own error, PostgreSQL a StoreError
+        if _no_such_table(exc):
+            return None
+        raise
     return None if row is None else int(row[0])
+
+
+def _no_such_table(exc: BaseException) -> bool:
+    """SQLite's "no such table" or PostgreSQL's undefined_table (42P01)."""
+    return any(
+        getattr(e, "sqlstate", None) == "42P01" or "no such table" in str(e)
+        for e in (exc, exc.__cause__)
+        if e is not None
+    )
 
 
 async def ensure_layout(store: Store, *, migrate: bool, now: float) -> tuple[int | None, int]:
