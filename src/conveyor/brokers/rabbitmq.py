@@ -431,8 +431,7 @@ class RabbitMQBroker:
         for task in list(self._tasks):
             task.cancel()
         if connection is not None and not connection.is_closed:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await connection.close()
+            await _quietly_close(connection)
 
     async def _hand_back_prefetched(self) -> None:
         """Requeue what consumers prefetched but never handed out, without
@@ -1010,8 +1009,11 @@ def _dead(connection: aio_pika.abc.AbstractConnection) -> bool:
 
 
 async def _quietly_close(connection: aio_pika.abc.AbstractConnection) -> None:
-    with contextlib.suppress(*_DRIVER_ERRORS):
-        await connection.close()
+    """Close, giving up after ``_SETTLE_TIMEOUT``: a server that stopped
+    answering never acknowledges the close."""
+    with contextlib.suppress(*_DRIVER_ERRORS, TimeoutError):
+        async with asyncio.timeout(_SETTLE_TIMEOUT):
+            await connection.close()
 
 
 def _callback(consumer: _Consumer) -> Any:

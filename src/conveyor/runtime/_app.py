@@ -39,6 +39,25 @@ __all__ = ["App"]
 _log = logging.getLogger("conveyor.worker")
 
 
+CLOSE_TIMEOUT = 10.0
+"""Seconds closing the broker, or the store, may take before it is abandoned."""
+
+
+async def _bounded_close(part: Broker | Store | None, what: str) -> None:
+    if part is None:
+        return
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await part.close()
+    except TimeoutError:
+        _log.warning(
+            "closing the %s took longer than %gs; its connections are left to the OS",
+            what,
+            CLOSE_TIMEOUT,
+            extra={"event": "conveyor.close_timeout"},
+        )
+
+
 class App:
     """An application: its handlers, broker, store and middleware.
 
@@ -222,11 +241,15 @@ class App:
             raise
 
     async def close(self) -> None:
-        if self._broker is not None:
-            await self._broker.close()
-        if self._store is not None:
-            await self._store.close()
-        self._connected = False
+        """Close broker and store, each within ``CLOSE_TIMEOUT``: a server
+        that stopped answering (a connection blackholed, a close handshake
+        never acknowledged) must not keep a stopping process alive. The
+        store is closed even when closing the broker fails."""
+        try:
+            await _bounded_close(self._broker, "broker")
+        finally:
+            await _bounded_close(self._store, "store")
+            self._connected = False
 
     async def __aenter__(self) -> App:
         await self.connect()
