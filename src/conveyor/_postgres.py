@@ -17,6 +17,9 @@ URL: ``postgresql://user[:password]@host[:port]/database?namespace=NAME``
   included (default 5); also the wait for each new pooled connection.
 - ``reconnect_for``: seconds an operation outside a transaction keeps
   retrying, with capped backoff, while the server is unreachable (default 30).
+- ``command_timeout``: seconds one statement may take before it is cancelled
+  and fails (default 60): the total timeout on a server, or a network path,
+  that stopped answering without closing the connection.
 - ``sslmode``: passed to asyncpg as is.
 
 Anything else is a ``ConfigError``.
@@ -73,6 +76,7 @@ _OPTIONS = {
     "pool_max": Option(10, int, low=1),
     "connect_timeout": Option(DEFAULT_CONNECT_TIMEOUT, float, above=0),
     "reconnect_for": Option(30.0, float, above=0),
+    "command_timeout": Option(60.0, float, above=0),
     "sslmode": Option(
         None, choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
     ),
@@ -121,6 +125,7 @@ class PgOptions:
     pool_max: int
     connect_timeout: float
     reconnect_for: float
+    command_timeout: float = 60.0
 
     @property
     def key(self) -> str:
@@ -342,7 +347,13 @@ class PostgresTransaction:
                 await self.conn.execute("; ".join(sql))
             return await fn(*args)
         except DRIVER_ERRORS as exc:
-            raise self.error(f"PostgreSQL {self.database.options.key}: {exc}") from exc
+            key = self.database.options.key
+            if isinstance(exc, TimeoutError):
+                limit = self.database.options.command_timeout
+                raise self.error(
+                    f"PostgreSQL {key}: no answer within command_timeout={limit:g}s"
+                ) from exc
+            raise self.error(f"PostgreSQL {key}: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
@@ -447,6 +458,7 @@ class Database:
                 min_size=o.pool_min,
                 max_size=o.pool_max,
                 timeout=o.connect_timeout,
+                command_timeout=o.command_timeout,
                 server_settings={"search_path": f'"{o.namespace}"'},
                 reset=_keep_session,
             )

@@ -344,6 +344,21 @@ async def test_a_connection_killed_mid_transaction_is_a_store_error(url: str) ->
         assert await _count(app, "SELECT 1") == 1
 
 
+async def test_a_statement_past_command_timeout_is_cancelled_and_a_store_error(url: str) -> None:
+    """The total timeout on one statement: past it the server cancels the
+    statement and the call fails in one line naming the limit; the
+    connection is usable again (the next transaction works)."""
+    from conveyor.errors import StoreError
+
+    slow = f"{url}&command_timeout=0.5"
+    app = App("slow", settings=Settings(broker_url=slow, store_url=slow))
+    async with app:
+        with pytest.raises(StoreError, match=r"no answer within command_timeout=0\.5s"):
+            async with app.transaction() as s:
+                await s.execute("SELECT pg_sleep(30)")
+        assert await _count(app, "SELECT 1") == 1
+
+
 async def test_apps_starting_together_on_a_fresh_namespace_all_start() -> None:
     """Eight apps with sagas, job records and tables of their own connect at
     once to a fresh namespace, five times: every one starts (concurrent
