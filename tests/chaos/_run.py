@@ -419,7 +419,45 @@ async def check(app: App, accepted: dict[str, str]) -> list[tuple[str, bool, str
             f"{outbox[0] if outbox else '?'} rows left",
         ),
     ]
+    if not all(held for _, held, _ in results):
+        results.append(("where things stand (not an invariant)", True, await _where(app)))
     return results
+
+
+async def _where(app: App) -> str:
+    """What a failed run leaves to look at: the sagas of orders not
+    terminal, by state and step, the queues still holding messages, and
+    the dead letters by topic."""
+    async with app.transaction() as s:
+        sagas = await s.fetchall(
+            "SELECT s.state, s.phase, s.step, COUNT(*) FROM orders o "
+            "LEFT JOIN conveyor_sagas s ON s.id = o.id "
+            "WHERE o.state NOT IN ('DELIVERED', 'CANCELLED') "
+            "GROUP BY s.state, s.phase, s.step ORDER BY 4 DESC"
+        )
+        dead = await s.fetchall(
+            "SELECT topic, COUNT(*) FROM conveyor_dead GROUP BY topic ORDER BY 2 DESC"
+        )
+    try:
+        queues = [q for q in await app.broker.stats() if q.ready or q.in_flight or q.delayed]
+    except Exception as exc:  # the broker may be the thing that broke
+        queues_text = f"queues unknown ({type(exc).__name__}: {exc})"
+    else:
+        queues_text = "queues holding messages: " + (
+            ", ".join(
+                f"{q.topic}/{q.group} ready {q.ready} in flight {q.in_flight} delayed {q.delayed}"
+                for q in queues
+            )
+            or "none"
+        )
+    return "; ".join(
+        [
+            "sagas of orders not terminal (state/phase/step: n): "
+            + (", ".join(f"{r[0]}/{r[1]}/{r[2]}: {r[3]}" for r in sagas) or "none"),
+            queues_text,
+            "dead letters: " + (", ".join(f"{r[0]}: {r[1]}" for r in dead) or "none"),
+        ]
+    )
 
 
 @contextlib.contextmanager

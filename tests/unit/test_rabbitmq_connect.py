@@ -81,3 +81,27 @@ async def test_a_failed_attempt_leaves_no_connection_to_the_garbage_collector() 
         gc.enable()
         server.close()
     assert left == []
+
+
+def test_a_stop_async_iteration_from_the_handshake_is_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiormq's frame reader raises StopAsyncIteration when the connection
+    closes before the server's first frame: a failed attempt, tried again,
+    never an error escaping to the caller as it is."""
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise StopAsyncIteration
+
+    monkeypatch.setattr("aio_pika.Connection.connect", connect)
+    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=0.5")
+
+    async def main() -> None:
+        with pytest.raises(BrokerError, match="connection closed during the handshake"):
+            await broker.connect()
+
+    asyncio.run(main())
+    assert calls >= 2

@@ -382,6 +382,10 @@ class RabbitMQBroker:
                 raise ConnectionResetError(
                     f"connection closed during the handshake: {exc!r}"
                 ) from exc
+            # aiormq's frame reader ends with StopAsyncIteration when the
+            # connection closes before the server's first frame.
+            if isinstance(exc, StopAsyncIteration):
+                raise ConnectionResetError("connection closed during the handshake") from exc
             raise
         return connection
 
