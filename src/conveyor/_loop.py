@@ -2,18 +2,25 @@
 settings (``CONVEYOR_EVENT_LOOP``). ``auto`` takes uvloop when it is
 installed (the ``http`` extra's ``uvicorn[standard]`` brings it, and
 ``conveyor serve`` already runs on it through uvicorn) and asyncio's own
-otherwise; ``uvloop`` insists on it; ``asyncio`` never uses it."""
+otherwise; ``uvloop`` insists on it; ``asyncio`` never uses it.
+
+``kill -USR1`` on such a process writes every task's stack to stderr
+(``dump_tasks``): where a worker that stopped making progress waits."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import os
+import signal
+import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TextIO, TypeVar
 
 from conveyor.errors import ConfigError
 
-__all__ = ["EventLoop", "loop_factory", "run"]
+__all__ = ["EventLoop", "dump_tasks", "loop_factory", "run"]
 
 T = TypeVar("T")
 
@@ -45,4 +52,22 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoop = "auto") -> T:
         main.close()
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
+        loop = runner.get_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         return runner.run(main)
+
+
+def dump_tasks(file: TextIO | None = None) -> None:
+    """Write what every task of the running loop is waiting on (its name
+    and stack) to ``file`` (stderr): what ``kill -USR1`` on a worker shows,
+    the way a JVM thread dump shows a stuck server."""
+    out = file or sys.stderr
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    print(f"--- {len(tasks)} task(s), pid {os.getpid()}", file=out)
+    for task in tasks:
+        print(f"task {task.get_name()}: {task.get_coro()!r}", file=out)
+        for frame in task.get_stack():
+            code = frame.f_code
+            print(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}", file=out)
+    out.flush()

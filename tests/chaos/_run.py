@@ -190,6 +190,8 @@ class Report:
     duplicates: int = 0
     accepted: int = 0
     invariants: list[tuple[str, bool, str]] = field(default_factory=list)
+    evidence: Path | None = None
+    """Where a failed run's logs were kept (with every task's stack)."""
 
     @property
     def ok(self) -> bool:
@@ -208,6 +210,8 @@ class Report:
         lines += [
             f"  [{'ok' if held else 'VIOLATED'}] {name}: {d}" for name, held, d in self.invariants
         ]
+        if self.evidence is not None:
+            lines.append(f"logs, with every process's task stacks: {self.evidence}")
         return "\n".join(lines)
 
 
@@ -470,6 +474,26 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _keep_evidence(procs: list[_Proc], workdir: Path, seed: int) -> Path:
+    """After a violation, before anything stops: every live process writes
+    its tasks' stacks to its log (``kill -USR1``), and the logs are copied
+    where the run's clean-up leaves them. Bounded: 5 s for the dumps."""
+    sizes = {p.log: p.log.stat().st_size for p in procs}
+    for proc in procs:
+        proc.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(p.log.stat().st_size > sizes[p.log] for p in procs if p.alive()):
+            break
+        time.sleep(0.1)
+    kept = Path(tempfile.gettempdir()) / f"conveyor-chaos-failed-{seed}"
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir()
+    for log in workdir.glob("*.log"):
+        shutil.copy(log, kept / log.name)
+    return kept
+
+
 def run(
     config: str,
     *,
@@ -494,6 +518,8 @@ def run(
             report.invariants = asyncio.run(
                 _drive(setup, procs, port, seconds, seed, max_orders, min_faults, report)
             )
+            if not report.ok:
+                report.evidence = _keep_evidence(procs, workdir, seed)
         except BaseException:
             for log in sorted(workdir.glob("*.log")):
                 sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}\n")

@@ -47,3 +47,26 @@ def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYOR_EVENT_LOOP", "tokio")
     with pytest.raises(ConfigError, match="invalid setting event_loop"):
         load_settings()
+
+
+def test_sigusr1_writes_every_task_and_where_it_waits(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    seen: list[str] = []
+
+    async def main() -> None:
+        stuck = asyncio.create_task(asyncio.Event().wait(), name="the-stuck-one")
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(2000):  # until the handler ran, at most ~2 s
+            seen.append(capsys.readouterr().err)
+            if "the-stuck-one" in "".join(seen):
+                break
+            await asyncio.sleep(0.001)
+        stuck.cancel()
+
+    run(main())
+    text = "".join(seen)
+    assert "task the-stuck-one" in text
+    assert "in wait" in text  # the frame it waits in
