@@ -66,8 +66,23 @@ def dump_tasks(file: TextIO | None = None) -> None:
     tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
     print(f"--- {len(tasks)} task(s), pid {os.getpid()}", file=out)
     for task in tasks:
-        print(f"task {task.get_name()}: {task.get_coro()!r}", file=out)
-        for frame in task.get_stack():
-            code = frame.f_code
-            print(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}", file=out)
+        print(f"task {task.get_name()}:", file=out)
+        for where in _awaiting(task.get_coro()):
+            print(f"    {where}", file=out)
     out.flush()
+
+
+def _awaiting(awaitable: object, depth: int = 64) -> list[str]:
+    """The chain of frames a suspended coroutine waits in, outermost first
+    (``Task.get_stack`` shows only the outermost), ending with what it
+    awaits when that is not a coroutine (a future, an event)."""
+    chain: list[str] = []
+    while awaitable is not None and len(chain) < depth:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            chain.append(f"awaiting {awaitable!r:.200}")
+            break
+        code = frame.f_code
+        chain.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+    return chain

@@ -632,7 +632,11 @@ class Database:
 
     async def _listen(self) -> bool:
         try:
-            conn = await asyncpg.connect(self.options.dsn, timeout=self.options.connect_timeout)
+            conn = await asyncpg.connect(
+                self.options.dsn,
+                timeout=self.options.connect_timeout,
+                command_timeout=self.options.command_timeout,
+            )
         except _CLOSE_ERRORS:
             return False
         try:

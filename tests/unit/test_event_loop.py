@@ -55,8 +55,14 @@ def test_sigusr1_writes_every_task_and_where_it_waits(capsys: pytest.CaptureFixt
 
     seen: list[str] = []
 
+    async def waits_deep_inside() -> None:
+        await asyncio.Event().wait()
+
+    async def outer() -> None:
+        await waits_deep_inside()
+
     async def main() -> None:
-        stuck = asyncio.create_task(asyncio.Event().wait(), name="the-stuck-one")
+        stuck = asyncio.create_task(outer(), name="the-stuck-one")
         await asyncio.sleep(0)
         os.kill(os.getpid(), signal.SIGUSR1)
         for _ in range(2000):  # until the handler ran, at most ~2 s
@@ -69,4 +75,6 @@ def test_sigusr1_writes_every_task_and_where_it_waits(capsys: pytest.CaptureFixt
     run(main())
     text = "".join(seen)
     assert "task the-stuck-one" in text
-    assert "in wait" in text  # the frame it waits in
+    # the whole chain, down to the frame it waits in and what that awaits
+    assert "in outer" in text and "in waits_deep_inside" in text and "in wait" in text
+    assert "awaiting <" in text
