@@ -105,6 +105,13 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+def closed_transport(exc: BaseException) -> bool:
+    """uvloop's word for a connection already gone: a ``RuntimeError``
+    ("unable to perform operation on <TCPTransport closed=True>; the handler
+    is closed") where asyncio's own loop raises a ``ConnectionError``."""
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+
+
 class _Again(Exception):
     """A transient driver error from inside a transaction: run it again."""
 
@@ -346,6 +353,12 @@ class PostgresTransaction:
                     self._unreleased = None
                 await self.conn.execute("; ".join(sql))
             return await fn(*args)
+        except RuntimeError as exc:
+            if not closed_transport(exc):
+                raise
+            raise self.error(
+                f"PostgreSQL {self.database.options.key}: the connection was lost ({exc})"
+            ) from ConnectionResetError(str(exc))
         except DRIVER_ERRORS as exc:
             key = self.database.options.key
             if isinstance(exc, TimeoutError):
@@ -520,7 +533,7 @@ class Database:
         return await keep_trying(
             op,
             within=self.options.reconnect_for,
-            transient=lambda exc: isinstance(exc, _RETRY),
+            transient=lambda exc: isinstance(exc, _RETRY) or closed_transport(exc),
             give_up=give_up,
         )
 

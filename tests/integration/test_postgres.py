@@ -386,3 +386,24 @@ async def test_apps_starting_together_on_a_fresh_namespace_all_start() -> None:
             for a in apps:
                 await a.close()
             await drop_namespace_async(url)
+
+
+async def test_uvloops_closed_transport_error_is_a_lost_connection(url: str) -> None:
+    """On uvloop a statement on a connection already gone raises a
+    RuntimeError ("... the handler is closed"), where asyncio's loop raises
+    a ConnectionError: it is a StoreError caused by a lost connection (so
+    operations that are safe to repeat retry it), not a crash."""
+    from conveyor.errors import StoreError
+
+    app = App("uvloop", settings=Settings(broker_url=url, store_url=url))
+
+    async def gone(*args: object) -> None:
+        raise RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True reading=False "
+            "0x55bd8c02fc10>; the handler is closed"
+        )
+
+    async with app, app.store.transaction() as tx:
+        with pytest.raises(StoreError, match="the connection was lost") as info:
+            await tx._call(gone)  # type: ignore[attr-defined]
+        assert isinstance(info.value.__cause__, ConnectionResetError)

@@ -76,5 +76,7 @@ def test_sigusr1_writes_every_task_and_where_it_waits(capsys: pytest.CaptureFixt
     text = "".join(seen)
     assert "task the-stuck-one" in text
     # the whole chain, down to the frame it waits in and what that awaits
-    assert "in outer" in text and "in waits_deep_inside" in text and "in wait" in text
+    assert "in outer" in text
+    assert "in waits_deep_inside" in text
+    assert "in wait" in text
     assert "awaiting <" in text
