@@ -403,42 +403,35 @@ def dramatiq_rate(url: str, n: int, token: str, workdir: str) -> float:
     return _peer_rate("dramatiq", preload, worker, env, out, n)
 
 
+def _peer_env(name: str, url: str, n: int, token: str, workdir: str) -> tuple[str, dict[str, str]]:
+    """Where a peer app reports, and the variables it reads (benchmarks/_peer.py)."""
+    out = os.path.join(workdir, f"{name}-{uuid.uuid4().hex}.json")
+    here = [str(HERE), os.environ.get("PYTHONPATH", "")]
+    return out, {
+        **os.environ,
+        "BENCH_PEER_URL": url,
+        "BENCH_PEER_QUEUE": f"{token}_{name}",
+        "BENCH_PEER_COUNT": str(n),
+        "BENCH_PEER_OUT": out,
+        "PYTHONPATH": os.pathsep.join(filter(None, here)),
+    }
+
+
 def faststream_rate(url: str, n: int, token: str, workdir: str) -> float:
     """Enqueue ``n`` messages, then run a FastStream no-op subscriber (one
     process, prefetch 256, acknowledged after the handler) until it has
     handled them all (benchmarks/faststream_app.py)."""
-    out = os.path.join(workdir, f"faststream-{uuid.uuid4().hex}.json")
-    env = {
-        **os.environ,
-        "BENCH_FS_URL": url,
-        "BENCH_FS_QUEUE": f"{token}_faststream",
-        "BENCH_FS_COUNT": str(n),
-        "BENCH_FS_OUT": out,
-    }
+    out, env = _peer_env("faststream", url, n, token, workdir)
     app = str(HERE / "faststream_app.py")
-    return _peer_rate(
-        "faststream",
-        [sys.executable, app, "publish"],
-        [sys.executable, app, "consume"],
-        env,
-        out,
-        n,
-    )
+    preload, worker = [sys.executable, app, "publish"], [sys.executable, app, "consume"]
+    return _peer_rate("faststream", preload, worker, env, out, n)
 
 
 def taskiq_rate(url: str, n: int, token: str, workdir: str) -> float:
     """Enqueue ``n`` tasks, then run ``taskiq worker`` (one process, up to
     256 tasks at once, prefetch 256) until it has run them all
     (benchmarks/taskiq_app.py)."""
-    out = os.path.join(workdir, f"taskiq-{uuid.uuid4().hex}.json")
-    env = {
-        **os.environ,
-        "BENCH_TASKIQ_URL": url,
-        "BENCH_TASKIQ_QUEUE": f"{token}_taskiq",
-        "BENCH_TASKIQ_COUNT": str(n),
-        "BENCH_TASKIQ_OUT": out,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
-    }
+    out, env = _peer_env("taskiq", url, n, token, workdir)
     preload = [sys.executable, str(HERE / "taskiq_app.py"), "publish"]
     worker = [sys.executable, "-m", "taskiq", "worker", "taskiq_app:broker", "--workers", "1"]
     worker += ["--max-async-tasks", "256", "--max-prefetch", "256"]

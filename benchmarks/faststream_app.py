@@ -1,9 +1,10 @@
 """The FastStream side of ``benchmarks/brokers.py``: one no-op subscriber.
 
-``python faststream_app.py publish`` enqueues BENCH_FS_COUNT messages;
+``python faststream_app.py publish`` enqueues BENCH_PEER_COUNT messages;
 ``python faststream_app.py consume`` runs the subscriber until it has
 handled them all and writes ``{"first": t, "last": t}`` (perf_counter of the
-first call and of the last) to BENCH_FS_OUT. BENCH_FS_URL is redis:// (a
+first call and of the last) to BENCH_PEER_OUT (benchmarks/_peer.py).
+BENCH_PEER_URL is redis:// (a
 stream read by a consumer group, acknowledged after the handler, 256 entries
 per read) or amqp:// (a durable queue, prefetch 256, acknowledged after the
 handler): the configurations with Conveyor's guarantee (nothing lost if the
@@ -13,18 +14,11 @@ worker dies) and its batch size.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-URL = os.environ["BENCH_FS_URL"]
-QUEUE = os.environ["BENCH_FS_QUEUE"]
-COUNT = int(os.environ.get("BENCH_FS_COUNT", "0"))
-OUT = os.environ.get("BENCH_FS_OUT", "")
-PREFETCH = 256
+from _peer import COUNT, PREFETCH, QUEUE, URL, write_marks
 
 broker: Any
 if URL.startswith("redis"):
@@ -80,14 +74,9 @@ async def consume() -> None:
         await broker.stop()
 
 
-def write_marks() -> None:
-    Path(OUT + ".tmp").write_text(json.dumps(marks))
-    os.replace(OUT + ".tmp", OUT)
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "publish":
         asyncio.run(publish())
     else:
         asyncio.run(consume())
-        write_marks()
+        write_marks(marks)

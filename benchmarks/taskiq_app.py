@@ -1,10 +1,10 @@
 """The Taskiq side of ``benchmarks/brokers.py``: one no-op task.
 
-``python taskiq_app.py publish`` enqueues BENCH_TASKIQ_COUNT tasks; the
+``python taskiq_app.py publish`` enqueues BENCH_PEER_COUNT tasks; the
 worker is ``taskiq worker taskiq_app:broker --workers 1`` (the benchmark
 starts it), which writes ``{"first": t, "last": t}`` (perf_counter of the
-first call and of the last) to BENCH_TASKIQ_OUT once it has run them all.
-BENCH_TASKIQ_URL is redis:// (a stream read by a consumer group, 256 per
+first call and of the last) to BENCH_PEER_OUT once it has run them all
+(benchmarks/_peer.py). BENCH_PEER_URL is redis:// (a stream read by a consumer group, 256 per
 read, acknowledged after the task) or amqp:// (a durable quorum queue,
 prefetch 256): the configurations with Conveyor's guarantee (nothing lost
 if the worker dies) and its batch size.
@@ -13,19 +13,12 @@ if the worker dies) and its batch size.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 from taskiq import AsyncBroker
 
-URL = os.environ["BENCH_TASKIQ_URL"]
-QUEUE = os.environ["BENCH_TASKIQ_QUEUE"]
-COUNT = int(os.environ.get("BENCH_TASKIQ_COUNT", "0"))
-OUT = os.environ.get("BENCH_TASKIQ_OUT", "")
-PREFETCH = 256
+from _peer import COUNT, OUT, PREFETCH, QUEUE, URL, write_marks
 
 broker: AsyncBroker
 if URL.startswith("redis"):
@@ -60,13 +53,7 @@ async def noop(i: int) -> None:
     if seen == 1:
         first = time.perf_counter()
     if seen == COUNT and OUT:
-        _write_marks({"first": first, "last": time.perf_counter()})
-
-
-def _write_marks(marks: dict[str, float]) -> None:
-    """Once, after the last task: the run is over, blocking costs nothing."""
-    Path(OUT + ".tmp").write_text(json.dumps(marks))
-    os.replace(OUT + ".tmp", OUT)
+        write_marks({"first": first, "last": time.perf_counter()})
 
 
 async def publish() -> None:

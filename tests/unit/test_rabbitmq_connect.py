@@ -1,5 +1,6 @@
 """A RabbitMQ connection reset during the AMQP handshake: aiormq cancels its
-own tasks and a CancelledError comes out of aio_pika.connect. That is a
+own tasks and a CancelledError comes out of aio_pika.connect (or, closed
+before the server's first frame, a StopAsyncIteration). That is a
 failed attempt (tried again by connect_within), not a cancellation of the
 caller; a real cancellation still cancels. A failed attempt closes its
 connection object at once."""
@@ -17,15 +18,22 @@ from conveyor.brokers.rabbitmq import RabbitMQBroker
 from conveyor.errors import BrokerError
 
 
-def test_a_cancelled_error_from_inside_the_driver_is_a_failed_attempt(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    "raised",
+    [
+        asyncio.CancelledError,  # as aiormq's close() does to its tasks
+        StopAsyncIteration,  # aiormq's frame reader, closed before the first frame
+    ],
+)
+def test_an_error_from_inside_the_handshake_is_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch, raised: type[BaseException]
 ) -> None:
     calls = 0
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        raise asyncio.CancelledError()  # as aiormq's close() does to its tasks
+        raise raised()
 
     monkeypatch.setattr("aio_pika.Connection.connect", connect)
     broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=0.5")
@@ -81,27 +89,3 @@ async def test_a_failed_attempt_leaves_no_connection_to_the_garbage_collector() 
         gc.enable()
         server.close()
     assert left == []
-
-
-def test_a_stop_async_iteration_from_the_handshake_is_a_failed_attempt(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """aiormq's frame reader raises StopAsyncIteration when the connection
-    closes before the server's first frame: a failed attempt, tried again,
-    never an error escaping to the caller as it is."""
-    calls = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        raise StopAsyncIteration
-
-    monkeypatch.setattr("aio_pika.Connection.connect", connect)
-    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/?connect_timeout=0.5")
-
-    async def main() -> None:
-        with pytest.raises(BrokerError, match="connection closed during the handshake"):
-            await broker.connect()
-
-    asyncio.run(main())
-    assert calls >= 2
