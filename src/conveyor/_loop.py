@@ -1,8 +1,11 @@
 """The event loop a Conveyor process runs on: ``event_loop`` in the
-settings (``CONVEYOR_EVENT_LOOP``). ``auto`` takes uvloop when it is
-installed (the ``http`` extra's ``uvicorn[standard]`` brings it, and
-``conveyor serve`` already runs on it through uvicorn) and asyncio's own
-otherwise; ``uvloop`` insists on it; ``asyncio`` never uses it.
+settings (``CONVEYOR_EVENT_LOOP``). ``asyncio`` (the default) is asyncio's
+own; ``uvloop`` insists on uvloop; ``auto`` takes it when installed (the
+``http`` extra's ``uvicorn[standard]`` brings it; ``conveyor serve`` runs on
+it through uvicorn in any case). asyncio is the default because uvloop
+measured no faster for a worker (its time goes to Python per message, see
+docs/benchmarks.md) and reports a lost connection differently (a
+``RuntimeError``), which drivers' error handling does not all expect.
 
 ``kill -USR1`` on such a process writes every task's stack to stderr
 (``dump_tasks``): where a worker that stopped making progress waits."""

@@ -1,5 +1,6 @@
-"""The event loop a worker runs on: uvloop when installed (``auto``), or
-as ``event_loop`` / ``CONVEYOR_EVENT_LOOP`` says."""
+"""The event loop a worker runs on, as ``event_loop`` /
+``CONVEYOR_EVENT_LOOP`` says: asyncio's (the default), uvloop, or uvloop
+when installed (``auto``)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_a_config_error(
 
 
 def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().event_loop == "auto"
+    assert Settings().event_loop == "asyncio"
     monkeypatch.setenv("CONVEYOR_EVENT_LOOP", "tokio")
     with pytest.raises(ConfigError, match="invalid setting event_loop"):
         load_settings()

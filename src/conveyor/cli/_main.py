@@ -156,7 +156,7 @@ def _settings(
     return settings
 
 
-def _run(make: Callable[[], Coroutine[Any, Any, T]], loop: EventLoop = "auto") -> T:
+def _run(make: Callable[[], Coroutine[Any, Any, T]], loop: EventLoop = "asyncio") -> T:
     try:
         return run_loop(make(), loop)
     except ConveyorError as exc:
