@@ -707,31 +707,29 @@ class KafkaBroker:
         as the SSL error; refused credentials are a ``BrokerError`` at once."""
         if self.config.security_protocol == "PLAINTEXT":
             return
-        host, _, port = self.config.servers[0].rpartition(":")
+        cfg = self.config
+        host, _, port = cfg.servers[0].rpartition(":")
         try:
             conn = await create_conn(
                 host,
                 int(port),
                 client_id=f"conveyor-{self._client_id}",
-                request_timeout_ms=int(self.config.connect_timeout * 1000),
+                request_timeout_ms=int(cfg.connect_timeout * 1000),
                 **self.security,
             )
         except (
             SaslAuthenticationFailed,
             UnsupportedSaslMechanismError,
             IllegalSaslStateError,
-        ) as exc:
-            raise BrokerError(
-                f"cannot connect to Kafka at {self.config.servers[0]}: the server refused "
-                f"{self.config.sasl_mechanism or 'PLAIN'} authentication as "
-                f"{self.config.username!r} ({short_reason(exc)})"
-            ) from None
-        except (KeyError, ValueError) as exc:
             # aiokafka's SCRAM client reads a refusal ("e=unknown-user") as
             # a malformed answer and fails on the missing proof
+            KeyError,
+            ValueError,
+        ) as exc:
+            why = "" if isinstance(exc, KeyError | ValueError) else f" ({short_reason(exc)})"
             raise BrokerError(
-                f"cannot connect to Kafka at {self.config.servers[0]}: the server refused "
-                f"{self.config.sasl_mechanism} authentication as {self.config.username!r}"
+                f"cannot connect to Kafka at {cfg.servers[0]}: the server refused "
+                f"{cfg.sasl_mechanism or 'PLAIN'} authentication as {cfg.username!r}{why}"
             ) from exc
         conn.close()
 

@@ -214,13 +214,11 @@ def _credentials(values: dict[str, Any], url: str) -> dict[str, str | None]:
         raise ConfigError(
             f"creds or nkey in {redact(url)!r} need the nkeys package: pip install 'conveyor[nats]'"
         )
+    named = (("creds", creds, "a .creds file"), ("nkey", nkey, "an nkey seed file"))
     return {
-        "creds": None
-        if creds is None
-        else readable_file("creds", creds, url, what="a .creds file"),
-        "nkey": None
-        if nkey is None
-        else readable_file("nkey", nkey, url, what="an nkey seed file"),
+        name: readable_file(name, path, url, what=what)
+        for name, path, what in named
+        if path is not None
     }
 
 
