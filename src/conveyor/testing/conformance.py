@@ -368,11 +368,18 @@ async def check_competing_consumers(make: BrokerFactory) -> None:
         for i, message in enumerate(sent):
             await (first if i % 2 else second).publish([message])
         got: dict[int, list[str]] = {0: [], 1: []}
-        for _ in range(100):
+        # Until every message came or 30 s passed: both fetches can come back
+        # empty while messages remain (a Kafka rebalance hands partitions
+        # over), so an empty round is no end by itself.
+        deadline = time.monotonic() + 30
+        for _ in range(1000):
             a = await first.fetch(topic, group, max_messages=3, lease=60.0)
             b = await second.fetch(topic, group, max_messages=3, lease=60.0)
             if not a and not b:
-                break
+                if len(got[0]) + len(got[1]) >= len(sent) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+                continue
             both = set(_ids(a)) & set(_ids(b))
             assert not both, f"two consumers of one group hold {sorted(both)} at once"
             got[0].extend(_ids(a))
